@@ -1,0 +1,207 @@
+"""Estimators as surrogate losses: the autograd gradient of the sum of an estimator's terms is
+``−(its estimate of ∇J)`` (spec §3.3).
+
+An estimator (1) draws a :class:`Plan` before sampling — which steps to record and train on — and
+(2) turns a recorded :class:`Trajectory` plus the reward ``R`` (and ``∂R/∂x_0`` when it has a pathwise
+part) into named loss terms. Terms are yielded one at a time so a learner can back-propagate each
+and free its graph (memory of one segment, not of the chain).
+
+The building blocks shared by every estimator live here: reward-to-go advantages, the
+likelihood-ratio term of one step, and pathwise re-computation of a segment with stored noises.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from rlr_dist.chain.base import Chain
+from rlr_dist.chain.schedule import GaussianSchedule
+from rlr_dist.chain.trajectory import Plan, Trajectory, inner, sq_norm
+from rlr_dist.estimators.advantages import Advantages
+from rlr_dist.registry import Registry
+from rlr_dist.regularisers import Regulariser, make_regulariser
+
+ESTIMATORS: Registry[type["Estimator"]] = Registry("estimator")
+
+RewardFn = Callable[[Tensor, Any], Tensor]
+
+
+@dataclass
+class Batch:
+    """Everything an estimator's terms need for one optimiser step (one learner micro-batch).
+
+    reward: ``R`` per sample (B,); reward_grad: ``∂R/∂x_0`` (same shape as ``x_0``) when the reward
+    is differentiable — computed wherever the reward model lives and passed in as a tensor.
+    reward_fn: a black-box reward ``(x_0, cond) -> R`` for estimators that query it again (SPSA).
+    """
+
+    traj: Trajectory
+    chain: Chain
+    reward: Tensor
+    reward_grad: Tensor | None = None
+    regulariser: Regulariser = field(default_factory=lambda: make_regulariser("none"))
+    advantages: Advantages = field(default_factory=Advantages)
+    reward_fn: RewardFn | None = None
+
+    def __post_init__(self) -> None:
+        R, dR, self.reward_stats = self.regulariser.transform_reward(self.reward.detach(), self.reward_grad)
+        self.R = R.double()
+        self.dR = None if dR is None else dR.detach()
+        self.scale = self.advantages.scale_factor(self.reward)
+        reg, tr = self.regulariser, self.traj
+        if reg.active and reg.shaping:
+            if tr.delta is None:
+                raise ValueError("the regulariser needs per-step divergences: sample with with_reference=True")
+            c = reg.cost(tr.delta.double())
+            c[:, 0] = 0.0
+            # cum[:, m] = Σ_{k=1}^{m-1} c_k: the costs paid *after* the action of step m.
+            self.cum_cost = torch.cumsum(torch.cat([c.new_zeros(c.shape[0], 1), c[:, :-1]], 1), 1)
+        else:
+            self.cum_cost = None
+        self._adv: dict[int, Tensor] = {}
+
+    @property
+    def schedule(self) -> GaussianSchedule:
+        return self.chain.schedule
+
+    def sigma(self, k: int) -> float:
+        return float(self.traj.sigma[k])
+
+    def returns(self, m: int) -> Tensor:
+        """``G^(m)``: the (shaped) return the action of step m is credited with."""
+        if self.cum_cost is None:
+            return self.R
+        return self.R - self.regulariser.beta * self.cum_cost[:, m]
+
+    def advantage(self, m: int) -> Tensor:
+        if m not in self._adv:
+            self._adv[m] = self.advantages(self.returns(m), self.traj.prompt_ids)
+        return self._adv[m]
+
+
+class Estimator(ABC):
+    """Base class; subclasses register with ``@ESTIMATORS.register("name")``."""
+
+    #: needs ∂R/∂x_0 (a differentiable reward)
+    needs_reward_grad: bool = False
+
+    def check(self, schedule: GaussianSchedule) -> None:
+        """Raise a clear ValueError if this estimator cannot run on ``schedule`` (before any sampling)."""
+
+    @abstractmethod
+    def plan(self, schedule: GaussianSchedule, generator: torch.Generator | None = None) -> Plan: ...
+
+    @abstractmethod
+    def terms(self, batch: Batch) -> Iterator[tuple[str, Tensor]]: ...
+
+    def observe(self, stats: dict[str, float]) -> None:
+        """Per-term statistics of the last step (e.g. gradient norms ``gnorm/zo:k``)."""
+
+    def describe(self) -> dict:
+        return {"name": getattr(self, "registry_name", type(self).__name__)}
+
+
+def make_estimator(name: str, **kwargs) -> Estimator:
+    return ESTIMATORS.get(name)(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# shared term builders
+
+
+def explicit_cost(b: Batch, x: Tensor, k: int, mu: Tensor) -> Tensor:
+    """Per-sample ``c_k`` at state ``x`` given ``μ_θ(x)`` (pathwise in ``x`` unless ``x`` is detached)."""
+    s = b.sigma(k)
+    return b.regulariser.cost(sq_norm(mu - b.chain.ref_mean(x, k, b.traj.cond)) / s**2)
+
+
+def lr_term(b: Batch, k: int, weight: float = 1.0) -> Tensor:
+    """Score-function term of step k at its recorded state (ZO-LR / DDPO), plus its explicit cost:
+    ``−w·mean_b[ sg(A^(k)) ⟨μ_θ(sg x_k), sg ε_k⟩/σ_k − β c_k(sg x_k; θ) ]``."""
+    x = b.traj.state(k).detach()
+    mu = b.chain.mean(x, k, b.traj.cond)
+    s = b.sigma(k)
+    loss = -(b.advantage(k).to(torch.float64) * inner(mu, b.traj.noise(k)).double() / s).mean()
+    if b.regulariser.active:
+        loss = loss + b.regulariser.beta * explicit_cost(b, x, k, mu).double().mean()
+    return weight * b.scale * loss
+
+
+def segment(b: Batch, k_hi: int, k_lo: int, use_checkpoint: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Re-run steps ``k_hi .. k_lo`` pathwise from the recorded ``sg(x_{k_hi})`` with the stored noises.
+
+    Returns ``(x_{k_lo}, μ_θ at step k_lo, Σ per-sample costs of the segment)``. Costs are pathwise
+    + explicit when the regulariser shapes (exact), explicit at detached states otherwise (DPOK).
+    """
+    cond, reg = b.traj.cond, b.regulariser
+    x = b.traj.state(k_hi).detach()
+    cost = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    mu = x
+    for k in range(k_hi, k_lo - 1, -1):
+        if use_checkpoint:
+            mu = checkpoint(b.chain.mean, x, k, cond, use_reentrant=False)
+        else:
+            mu = b.chain.mean(x, k, cond)
+        if reg.active and b.sigma(k) > 0:
+            if reg.shaping or k == k_hi:
+                cost = cost + explicit_cost(b, x, k, mu).double()
+            else:
+                xd = x.detach()
+                cost = cost + explicit_cost(b, xd, k, b.chain.mean(xd, k, cond)).double()
+        if k > k_lo:
+            x = mu + b.sigma(k) * b.traj.noise(k) if b.sigma(k) > 0 else mu
+    return x, mu, cost
+
+
+def pathwise_term(b: Batch, K: int, use_checkpoint: bool = False) -> Tensor:
+    """Back-propagate the reward through the last K steps from ``sg(x_K)`` (K = 1: the RLR first-order
+    term; K = T: full backprop): ``−mean_b[⟨sg(∂R̃/∂x_0), x_0(θ)⟩ − β Σ costs]``."""
+    if b.dR is None:
+        raise ValueError("this estimator back-propagates the reward: pass reward_grad (∂R/∂x_0), "
+                         "or choose a black-box estimator (rlr with fo=False, lr)")
+    _, mu, cost = segment(b, K, 1, use_checkpoint)
+    x0 = mu + b.sigma(1) * b.traj.noise(1) if b.sigma(1) > 0 else mu
+    loss = -inner(x0, b.dR).double().mean()
+    if b.regulariser.active:
+        loss = loss + b.regulariser.beta * cost.mean()
+    return b.scale * loss
+
+
+def require_stochastic(schedule: GaussianSchedule, steps, who: str) -> None:
+    bad = [k for k in steps if not schedule.stochastic(k)]
+    if bad:
+        raise ValueError(
+            f"{who}: likelihood-ratio terms need σ_k > 0 but steps {bad} are deterministic "
+            f"(σ = 0); use eta > 0 (and a stochastic last step, e.g. DDIM set_alpha_to_one=False) "
+            f"or an estimator that back-propagates those steps")
+
+
+def backward_terms(terms: Iterator[tuple[str, Tensor]], params: list[Tensor] | None = None,
+                   track_norms: bool = False, backward: Callable[[Tensor], None] | None = None) -> dict[str, float]:
+    """Back-propagate each term as it is produced (freeing its graph), accumulating into ``.grad``.
+
+    ``backward`` replaces ``loss.backward()`` (e.g. a DeepSpeed engine's). With ``track_norms`` the
+    gradient norm of every term is measured (``gnorm/<term>``), which the softmax j-law uses.
+    """
+    stats: dict[str, float] = {}
+    for name, loss in terms:
+        stats[f"loss/{name}"] = float(loss.detach())
+        if track_norms and params:
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            sq = 0.0
+            for p, g in zip(params, grads):
+                if g is None:
+                    continue
+                sq += float(g.double().pow(2).sum())
+                p.grad = g.clone() if p.grad is None else p.grad + g
+            stats[f"gnorm/{name}"] = sq**0.5
+        elif backward is not None:
+            backward(loss)
+        else:
+            loss.backward()
+    return stats

@@ -1,0 +1,123 @@
+"""The methods RLR is compared with, in the same framework (spec §8).
+
+* ``lr``: DDPO's score-function estimator on every step (or K sampled steps weighted T/K), with an
+  optional PPO-style importance ratio + clipping for several inner epochs on the same samples;
+* ``truncated_bp``: AlignProp / DRaFT-K — back-propagate the reward through the last K steps only
+  (fixed K, or K drawn uniformly from [k_min, k_max] each step); biased;
+* ``full_bp``: back-propagate through all T steps, one gradient checkpoint per model call.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from rlr_dist.chain.schedule import GaussianSchedule
+from rlr_dist.chain.trajectory import Plan, inner, sq_norm
+from rlr_dist.estimators.base import (ESTIMATORS, Batch, Estimator, explicit_cost, lr_term, pathwise_term,
+                                      require_stochastic)
+
+
+@ESTIMATORS.register("lr")
+class LikelihoodRatio(Estimator):
+    """DDPO. ``clip_range=None``: the plain score function (unbiased, on-policy). With ``clip_range`` the
+    per-step importance ratio ``p_θ/p_old`` is clipped as in PPO (the first epoch equals the score
+    function; later epochs are biased by design)."""
+
+    def __init__(self, K: int | None = None, clip_range: float | None = None, max_log_ratio: float = 20.0) -> None:
+        if K is not None and K < 1:
+            raise ValueError(f"estimator.K must be >= 1 or null, got {K}")
+        if clip_range is not None and clip_range <= 0:
+            raise ValueError(f"estimator.clip_range must be > 0 or null, got {clip_range}")
+        self.K, self.clip_range, self.max_log_ratio = K, clip_range, max_log_ratio
+
+    def check(self, schedule: GaussianSchedule) -> None:
+        require_stochastic(schedule, range(1, schedule.T + 1), "lr")
+
+    def plan(self, schedule: GaussianSchedule, generator: torch.Generator | None = None) -> Plan:
+        T = schedule.T
+        if self.K is None or self.K >= T:
+            steps, weight = tuple(range(1, T + 1)), 1.0
+        else:
+            steps, weight = tuple(sorted(int(i) + 1 for i in torch.randperm(T, generator=generator)[: self.K])), T / self.K
+        states = set(steps) | ({k - 1 for k in steps} if self.clip_range is not None else set())
+        return Plan(states=frozenset(states - {0}), noises=frozenset(steps), steps=steps, step_weight=weight)
+
+    def terms(self, b: Batch) -> Iterator[tuple[str, Tensor]]:
+        p = b.traj.plan
+        for k in p.steps:
+            yield f"lr:{k}", lr_term(b, k, p.step_weight) if self.clip_range is None else self.ppo_term(b, k, p.step_weight)
+
+    def ppo_term(self, b: Batch, k: int, weight: float) -> Tensor:
+        """``−mean_b min(r A, clip(r) A)`` with ``log r = ⟨ε, Δ⟩/σ − ‖Δ‖²/(2σ²)``, ``Δ = μ_θ − μ_old`` and
+        ``μ_old = x_{k-1} − σ ε`` recovered from the record (no catastrophic cancellation)."""
+        tr, s = b.traj, b.sigma(k)
+        x = tr.state(k).detach()
+        eps = tr.noise(k)
+        mu = b.chain.mean(x, k, tr.cond)
+        d = mu - (tr.state(k - 1) - s * eps)
+        log_r = (inner(d, eps).double() / s - sq_norm(d).double() / (2 * s**2)).clamp(-self.max_log_ratio, self.max_log_ratio)
+        r = log_r.exp()
+        A = b.advantage(k)
+        c = self.clip_range
+        loss = -torch.minimum(r * A, r.clamp(1 - c, 1 + c) * A).mean()
+        if b.regulariser.active:
+            loss = loss + b.regulariser.beta * explicit_cost(b, x, k, mu).double().mean()
+        return weight * b.scale * loss
+
+    def describe(self) -> dict:
+        return {"name": "lr", "K": self.K, "clip_range": self.clip_range}
+
+
+@ESTIMATORS.register("truncated_bp")
+class TruncatedBP(Estimator):
+    """Reward gradient through the last K steps; the earlier steps get no gradient (biased)."""
+
+    needs_reward_grad = True
+
+    def __init__(self, K: int = 1, k_min: int | None = None, k_max: int | None = None, checkpoint: bool = False) -> None:
+        if (k_min is None) != (k_max is None):
+            raise ValueError("estimator.k_min and estimator.k_max go together (random K)")
+        if k_min is not None and not 1 <= k_min <= k_max:
+            raise ValueError(f"estimator: need 1 <= k_min <= k_max, got {k_min}, {k_max}")
+        if K < 1:
+            raise ValueError(f"estimator.K must be >= 1, got {K}")
+        self.K, self.k_min, self.k_max, self.checkpoint = K, k_min, k_max, checkpoint
+
+    def check(self, schedule: GaussianSchedule) -> None:
+        top = self.k_max if self.k_min is not None else self.K
+        if top > schedule.T:
+            raise ValueError(f"estimator: K={top} exceeds the number of sampler steps T={schedule.T}")
+
+    def plan(self, schedule: GaussianSchedule, generator: torch.Generator | None = None) -> Plan:
+        K = self.K
+        if self.k_min is not None:
+            K = int(torch.randint(self.k_min, self.k_max + 1, (1,), generator=generator))
+        noises = {k for k in range(1, K + 1) if schedule.stochastic(k)}
+        return Plan(states=frozenset({K}), noises=frozenset(noises), K=K)
+
+    def terms(self, b: Batch) -> Iterator[tuple[str, Tensor]]:
+        yield f"bp:{b.traj.plan.K}", pathwise_term(b, b.traj.plan.K, self.checkpoint)
+
+    def describe(self) -> dict:
+        return {"name": "truncated_bp", "K": self.K, "k_min": self.k_min, "k_max": self.k_max}
+
+
+@ESTIMATORS.register("full_bp")
+class FullBP(TruncatedBP):
+    """Pathwise gradient through every step (DRaFT): unbiased, lowest variance, memory ∝ T without
+    checkpointing; with ``checkpoint=True`` (default) one model call's activations at a time."""
+
+    def __init__(self, checkpoint: bool = True) -> None:
+        super().__init__(K=1, checkpoint=checkpoint)
+
+    def check(self, schedule: GaussianSchedule) -> None:
+        pass
+
+    def plan(self, schedule: GaussianSchedule, generator: torch.Generator | None = None) -> Plan:
+        T = schedule.T
+        return Plan(states=frozenset({T}), noises=frozenset(k for k in range(1, T + 1) if schedule.stochastic(k)), K=T)
+
+    def describe(self) -> dict:
+        return {"name": "full_bp", "checkpoint": self.checkpoint}

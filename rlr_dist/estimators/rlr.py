@@ -1,0 +1,190 @@
+"""The Recursive Likelihood Ratio (RLR) estimator — the RLR loss lives in this file (spec §3).
+
+Steps ``k = T..1`` are split into
+  * FO: step 1, pathwise (needs ``∂R/∂x_0``): ``−⟨sg(∂R/∂x_0), x_0(θ)⟩``;
+  * HO: the block ``S = {j, ..., j+h-1}``: re-run pathwise from ``sg(x_{j+h-1})`` with the stored noises,
+    likelihood ratio at its lowest step j: ``−sg(A^(j)) ⟨m_j(θ), sg ε_j⟩/σ_j``;
+  * ZO: the remaining steps ``C`` — inherent-noise likelihood ratio on all of C (``zo="lr"``), on K
+    uniformly drawn steps weighted ``|C|/K`` (``"lr_sampled"``), a seeded two-point parameter
+    perturbation shared by C (``"spsa"``, MeZO-style, no parameter copy), or nothing (``"none"``, the
+    biased ablation V2).
+Every step is covered exactly once, so for any ``h`` and any law of ``j`` the estimate is unbiased
+(SPSA: for the parameter-smoothed objective, O(s_p²)). ``fo=False`` is the black-box-reward mode:
+step 1 joins C (it then needs σ_1 > 0) and the block may start at j = 1.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from rlr_dist.chain.schedule import GaussianSchedule
+from rlr_dist.chain.trajectory import Plan, inner, sq_norm
+from rlr_dist.estimators.base import (ESTIMATORS, Batch, Estimator, lr_term, pathwise_term,
+                                      require_stochastic, segment)
+
+ZO_MODES = ("lr", "lr_sampled", "spsa", "none")
+J_LAWS = ("uniform", "range", "softmax")
+
+
+@ESTIMATORS.register("rlr")
+class RLR(Estimator):
+    def __init__(self, h: int = 2, zo: str = "lr", K: int = 4, j_law: str = "uniform",
+                 j_range: tuple[int, int] | None = None, temperature: float = 1.0, ema: float = 0.9,
+                 spsa_scale: float = 1e-2, fo: bool = True) -> None:
+        if h < 1:
+            raise ValueError(f"estimator.h must be >= 1, got {h}")
+        if zo not in ZO_MODES:
+            raise ValueError(f"estimator.zo must be one of {ZO_MODES}, got {zo!r}")
+        if j_law not in J_LAWS:
+            raise ValueError(f"estimator.j_law must be one of {J_LAWS}, got {j_law!r}")
+        if j_law == "range" and (j_range is None or len(j_range) != 2 or j_range[0] > j_range[1]):
+            raise ValueError(f"estimator.j_range must be (a, b) with a <= b for j_law='range', got {j_range!r}")
+        if zo == "lr_sampled" and K < 1:
+            raise ValueError(f"estimator.K must be >= 1 for zo='lr_sampled', got {K}")
+        if temperature <= 0:
+            raise ValueError(f"estimator.temperature must be > 0, got {temperature}")
+        if zo == "spsa" and spsa_scale <= 0:
+            raise ValueError(f"estimator.spsa_scale must be > 0, got {spsa_scale}")
+        self.h, self.zo, self.K, self.j_law, self.j_range = h, zo, K, j_law, j_range
+        self.temperature, self.ema, self.spsa_scale, self.fo = temperature, ema, spsa_scale, fo
+        self.needs_reward_grad = fo
+        self.step_norm: dict[int, float] = {}  # EMA of per-step gradient norms (softmax j-law)
+
+    # ------------------------------------------------------------------ which steps go where
+    def j_candidates(self, T: int) -> list[int]:
+        lo = 2 if self.fo else 1
+        hi = T - self.h + 1
+        if self.j_law == "range":
+            a, b = self.j_range
+            lo, hi = max(lo, a), min(hi, b)
+        return list(range(lo, hi + 1))
+
+    def zo_set(self, T: int, j: int) -> list[int]:
+        first = 2 if self.fo else 1
+        return [k for k in range(first, T + 1) if not j <= k < j + self.h]
+
+    def check(self, schedule: GaussianSchedule) -> None:
+        T = schedule.T
+        if not self.j_candidates(T):
+            raise ValueError(f"estimator: no valid block start j for T={T}, h={self.h}"
+                             + (f", j_range={self.j_range}" if self.j_law == "range" else "")
+                             + (" (the block must fit in steps 2..T, below it is the FO step)" if self.fo else ""))
+        lr_steps = set(self.j_candidates(T))
+        if self.zo in ("lr", "lr_sampled"):
+            lr_steps |= set(range(2 if self.fo else 1, T + 1))
+        require_stochastic(schedule, sorted(lr_steps), f"rlr (h={self.h}, zo={self.zo})")
+
+    def plan(self, schedule: GaussianSchedule, generator: torch.Generator | None = None) -> Plan:
+        T = schedule.T
+        cands = self.j_candidates(T)
+        if self.j_law == "softmax" and self.step_norm:
+            n = torch.tensor([self.step_norm.get(j, float("nan")) for j in cands], dtype=torch.float64)
+            n = torch.where(torch.isnan(n), n[~torch.isnan(n)].mean() if (~torch.isnan(n)).any() else 1.0, n)
+            probs = torch.softmax(n / n.mean().clamp_min(1e-12) / self.temperature, 0)
+        else:
+            probs = torch.full((len(cands),), 1.0 / len(cands), dtype=torch.float64)
+        j = cands[int(torch.multinomial(probs, 1, generator=generator))]
+        C = self.zo_set(T, j)
+        steps, weight, seed = (), 1.0, None
+        if self.zo == "lr":
+            steps = tuple(C)
+        elif self.zo == "lr_sampled" and C:
+            K = min(self.K, len(C))
+            idx = torch.randperm(len(C), generator=generator)[:K]
+            steps, weight = tuple(sorted(C[int(i)] for i in idx)), len(C) / K
+        elif self.zo == "spsa":
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        block = set(range(j, j + self.h))
+        states = {j + self.h - 1, *steps} | ({1} if self.fo else set())
+        noises = block | set(steps) | ({1} if self.fo and schedule.stochastic(1) else set())
+        return Plan(states=frozenset(states), noises=frozenset(noises), record_all=self.zo == "spsa",
+                    j=j, h=self.h, steps=steps, step_weight=weight, seed=seed)
+
+    # ------------------------------------------------------------------ the surrogate loss
+    def terms(self, b: Batch) -> Iterator[tuple[str, Tensor]]:
+        p = b.traj.plan
+        if self.zo == "spsa":  # first: it shifts θ in place, which must not happen under a live graph
+            yield "zo:spsa", spsa_term(b, self.zo_set(b.traj.T, p.j), self.spsa_scale, p.seed)
+        if self.fo:
+            yield "fo", pathwise_term(b, 1)
+        yield "ho", self.ho_term(b, p.j, p.h)
+        for k in p.steps:
+            yield f"zo:{k}", lr_term(b, k, p.step_weight)
+
+    def ho_term(self, b: Batch, j: int, h: int) -> Tensor:
+        """``−mean_b[ sg(A^(j)) ⟨m_j(θ), sg ε_j⟩/σ_j − β Σ_{k∈S} c_k(x̃_k(θ); θ) ]``."""
+        _, m_j, cost = segment(b, j + h - 1, j)
+        loss = -(b.advantage(j) * inner(m_j, b.traj.noise(j)).double() / b.sigma(j)).mean()
+        if b.regulariser.active:
+            loss = loss + b.regulariser.beta * cost.mean()
+        return b.scale * loss
+
+    def observe(self, stats: dict[str, float]) -> None:
+        for key, v in stats.items():
+            if key.startswith("gnorm/zo:") and key[9:].isdigit():
+                k = int(key[9:])
+                old = self.step_norm.get(k)
+                self.step_norm[k] = v if old is None else self.ema * old + (1 - self.ema) * v
+
+    def describe(self) -> dict:
+        return {"name": "rlr", "h": self.h, "zo": self.zo, "K": self.K, "j_law": self.j_law,
+                "j_range": self.j_range, "fo": self.fo, "spsa_scale": self.spsa_scale}
+
+
+# ---------------------------------------------------------------------------------------------------
+# SPSA (zeroth order in parameter space)
+
+
+def _direction(p: Tensor, seed: int, index: int) -> Tensor:
+    g = torch.Generator(device=p.device).manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
+    return torch.randn(p.shape, generator=g, dtype=p.dtype, device=p.device)
+
+
+@torch.no_grad()
+def _shift(params: list[Tensor], seed: int, amount: float) -> None:
+    """θ += amount · u, with u regenerated from the seed one tensor at a time (no copy of θ)."""
+    if amount != 0.0:
+        for i, p in enumerate(params):
+            p.add_(_direction(p, seed, i), alpha=amount)
+
+
+@torch.no_grad()
+def _perturbed_return(b: Batch, C: set[int], amount: float, seed: int) -> Tensor:
+    """Re-run the whole chain from the recorded x_T with the recorded noises (common random numbers),
+    with θ + amount·u on the steps of C and θ elsewhere; return the regularised return per sample."""
+    if b.reward_fn is None:
+        raise ValueError("zo='spsa' queries the reward again: pass reward_fn to the Batch")
+    chain, tr, reg = b.chain, b.traj, b.regulariser
+    params = chain.trainable_parameters()
+    x = tr.state(tr.T)
+    cost = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    on = 0.0
+    try:
+        for k in range(tr.T, 0, -1):
+            want = amount if k in C else 0.0
+            _shift(params, seed, want - on)
+            on = want
+            mu = chain.mean(x, k, tr.cond)
+            s = b.sigma(k)
+            if reg.active and s > 0:
+                cost += reg.cost(sq_norm(mu - chain.ref_mean(x, k, tr.cond)) / s**2).double()
+            x = mu + s * tr.noise(k) if s > 0 else mu
+    finally:
+        _shift(params, seed, -on)
+    R, _, _ = reg.transform_reward(b.reward_fn(x, tr.cond).detach(), None)
+    return R.double() - reg.beta * cost
+
+
+def spsa_term(b: Batch, C: list[int], scale: float, seed: int) -> Tensor:
+    """``−c ⟨sg u, θ⟩`` with ``c = mean_b (F(θ_C+s u) − F(θ_C−s u)) / 2s``: autograd gives ``−c·u``."""
+    if b.regulariser.active and not b.regulariser.shaping:
+        raise ValueError("zo='spsa' supports regularisers in exact (shaping) mode only")
+    if b.regulariser.active and b.regulariser.shaping is True and getattr(b.regulariser, "lam", None) == "auto":
+        raise ValueError("zo='spsa' needs a fixed surrogate λ (regulariser.lam) so both passes see the same reward")
+    Cs = set(C)
+    c = ((_perturbed_return(b, Cs, scale, seed) - _perturbed_return(b, Cs, -scale, seed)) / (2 * scale)).mean()
+    params = b.chain.trainable_parameters()
+    surrogate = sum((_direction(p, seed, i) * p).sum() for i, p in enumerate(params))
+    return -b.scale * float(c) * surrogate

@@ -1,0 +1,235 @@
+"""Tiny Gaussian chains for estimator tests and benchmarks (spec §11.1), run through the production code.
+
+* :class:`MLPChain` — ``ê_θ(x, k) = √(1−ᾱ_k) x + W2 tanh(W1 x + b1 + E_k) + b2``, shared across steps.
+* :class:`LinearChain` — ``ê_θ(x, k) = √(1−ᾱ_k) (I + W) x + U_k``; with a quadratic reward ``E[R]`` and the per-step KL
+  have closed forms, so :meth:`LinearChain.exact_objective` gives the *exact* gradient by autograd.
+
+Both hold ``G`` independent parameter copies ``θ`` of shape ``(G, P)``; a batch of ``G·m`` samples uses
+copy ``b // m``, so one autograd call of a batch-mean loss returns ``G`` independent batch gradients
+(times ``1/G``). The ``√(1−ᾱ_k) x`` skip is the exact noise prediction for N(0, I) data, so the
+untrained chains neither explode nor collapse. float64 throughout. ``step_delta`` (``(T+1, G, P)`` zeros requiring grad) gives per-step copies
+``θ_k = θ + δ_k`` whose gradients are the per-step contributions ``g_k`` (spec §1).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from rlr_dist.chain.schedule import GaussianSchedule
+
+
+def toy_schedule(T: int, eta: float = 1.0, deterministic_last: bool = False,
+                 logsnr_max: float = 6.0, logsnr_min: float = -4.0) -> GaussianSchedule:
+    """ᾱ_k = sigmoid(logSNR_k) with logSNR linear from ``logsnr_max`` (k=0) to ``logsnr_min`` (k=T)."""
+    lam = torch.linspace(logsnr_max, logsnr_min, T + 1, dtype=torch.float64)
+    return GaussianSchedule.from_alpha_bars(torch.sigmoid(lam), eta=eta,
+                                            last_step_eta=0.0 if deterministic_last else None)
+
+
+class _GroupedChain:
+    """Shared plumbing: grouped parameters, per-step copies, reference parameters."""
+
+    def __init__(self, schedule: GaussianSchedule, P: int, G: int, init: Tensor, ref_noise: float, seed: int):
+        self.schedule = schedule
+        self.T, self.P, self.G = schedule.T, P, G
+        gen = torch.Generator().manual_seed(seed + 1)
+        self.theta = init.detach().clone().expand(G, P).clone().requires_grad_(True)
+        # θ = θ_ref + noise, so the divergence to the reference is not zero
+        self.theta_ref = (init - ref_noise * torch.randn(P, generator=gen, dtype=torch.float64)).detach()
+        self.step_delta: Tensor | None = None
+
+    def with_step_copies(self) -> Tensor:
+        self.step_delta = torch.zeros(self.T + 1, self.G, self.P, dtype=torch.float64, requires_grad=True)
+        return self.step_delta
+
+    def trainable_parameters(self) -> list[Tensor]:
+        return [self.theta]
+
+    def _params(self, k: int) -> Tensor:
+        th = self.theta
+        return th if self.step_delta is None else th + self.step_delta[k]
+
+    def _grouped(self, x: Tensor, th: Tensor) -> tuple[Tensor, int]:
+        G = th.shape[0]
+        return x.reshape(G, x.shape[0] // G, -1), G
+
+    def _skip(self, k: int) -> float:
+        return float((1 - self.schedule.alpha_bar[k]).sqrt())
+
+    def mean(self, x: Tensor, k: int, cond=None) -> Tensor:
+        return self.schedule.mean(x, self.eps_model(x, k, self._params(k)), k)
+
+    def ref_mean(self, x: Tensor, k: int, cond=None) -> Tensor:
+        return self.schedule.mean(x, self.eps_model(x, k, self.theta_ref[None]), k)
+
+
+class MLPChain(_GroupedChain):
+    def __init__(self, T: int = 6, D: int = 2, H: int = 8, G: int = 1, eta: float = 1.0,
+                 deterministic_last: bool = False, ref_noise: float = 0.3, seed: int = 0):
+        self.D, self.H = D, H
+        P = D * H + H + (T + 1) * H + H * D + D
+        gen = torch.Generator().manual_seed(seed)
+        init = 0.6 * torch.randn(P, generator=gen, dtype=torch.float64)
+        super().__init__(toy_schedule(T, eta, deterministic_last), P, G, init, ref_noise, seed)
+
+    def eps_model(self, x: Tensor, k: int, th: Tensor) -> Tensor:
+        D, H, T = self.D, self.H, self.T
+        sizes = [D * H, H, (T + 1) * H, H * D, D]
+        W1, b1, E, W2, b2 = torch.split(th, sizes, dim=-1)
+        G = th.shape[0]
+        xg = x.reshape(G, x.shape[0] // G, D)
+        E = E.reshape(G, T + 1, H)[:, k]
+        h = torch.tanh(torch.einsum("gmd,gdh->gmh", xg, W1.reshape(G, D, H)) + (b1 + E)[:, None])
+        out = torch.einsum("gmh,ghd->gmd", h, W2.reshape(G, H, D)) + b2[:, None]
+        return self._skip(k) * x + out.reshape(x.shape)
+
+
+class LinearChain(_GroupedChain):
+    def __init__(self, T: int = 6, D: int = 2, G: int = 1, eta: float = 1.0, ref_noise: float = 0.1, seed: int = 0):
+        self.D = D
+        P = D * D + (T + 1) * D
+        gen = torch.Generator().manual_seed(seed)
+        init = 0.15 * torch.randn(P, generator=gen, dtype=torch.float64)
+        super().__init__(toy_schedule(T, eta), P, G, init, ref_noise, seed)
+
+    def _split(self, th: Tensor) -> tuple[Tensor, Tensor]:
+        G, D, T = th.shape[0], self.D, self.T
+        W, U = torch.split(th, [D * D, (T + 1) * D], dim=-1)
+        return W.reshape(G, D, D), U.reshape(G, T + 1, D)
+
+    def eps_model(self, x: Tensor, k: int, th: Tensor) -> Tensor:
+        W, U = self._split(th)
+        G = th.shape[0]
+        xg = x.reshape(G, x.shape[0] // G, self.D)
+        return (self._skip(k) * (xg + torch.einsum("gmd,ged->gme", xg, W)) + U[:, k][:, None]).reshape(x.shape)
+
+    def _affine(self, k: int, th: Tensor) -> tuple[Tensor, Tensor]:
+        """μ_k(x) = M x + c for each group: ``M (G,D,D)``, ``c (G,D)``."""
+        one = torch.ones((), dtype=torch.float64)
+        zero = torch.zeros((), dtype=torch.float64)
+        a = self.schedule.mean(one, zero, k)
+        b = self.schedule.mean(zero, one, k)
+        W, U = self._split(th)
+        M = a * torch.eye(self.D, dtype=torch.float64) + b * self._skip(k) * (torch.eye(self.D, dtype=torch.float64) + W)
+        return M, b * U[:, k]
+
+    def exact_objective(self, target: Tensor, beta: float = 0.0) -> Tensor:
+        """``E[R] − β Σ_k E[KL_k]`` per group (G,), for ``R = −‖x_0 − target‖²``, exactly."""
+        G, D = self.G, self.D
+        m = torch.zeros(G, D, dtype=torch.float64)
+        S = torch.eye(D, dtype=torch.float64).expand(G, D, D)
+        kl = torch.zeros(G, dtype=torch.float64)
+        for k in range(self.T, 0, -1):
+            M, c = self._affine(k, self._params(k))
+            s = float(self.schedule.sigma[k])
+            if beta > 0 and s > 0:
+                Mr, cr = self._affine(k, self.theta_ref[None])
+                dM, dc = M - Mr, c - cr
+                dm = torch.einsum("gij,gj->gi", dM, m) + dc
+                kl = kl + (dm.pow(2).sum(-1) + torch.einsum("gij,gjk,gik->g", dM, S, dM)) / (2 * s * s)
+            m = torch.einsum("gij,gj->gi", M, m) + c
+            S = M @ S @ M.transpose(1, 2) + s * s * torch.eye(D, dtype=torch.float64)
+        ER = -((m - target).pow(2).sum(-1) + torch.diagonal(S, dim1=1, dim2=2).sum(-1))
+        return ER - beta * kl
+
+
+# ---------------------------------------------------------------------------------------------------
+# rewards (smooth, bounded where possible); each returns (R, ∂R/∂x)
+
+
+def bump_reward(x: Tensor, cond=None) -> tuple[Tensor, Tensor]:
+    """``R(x) = exp(−‖x − a‖²/2) + 0.5 tanh(wᵀx)`` (spec §11.1)."""
+    D = x.shape[-1]
+    a = torch.tensor([0.5, -0.3] + [0.0] * (D - 2), dtype=x.dtype)
+    w = torch.tensor([1.0, 0.5] + [0.0] * (D - 2), dtype=x.dtype)
+    d = x - a
+    g = torch.exp(-0.5 * d.pow(2).sum(-1))
+    t = torch.tanh(x @ w)
+    R = g + 0.5 * t
+    dR = -g[:, None] * d + 0.5 * (1 - t * t)[:, None] * w
+    return R, dR
+
+
+def quadratic_reward(target: Tensor):
+    def reward(x: Tensor, cond=None) -> tuple[Tensor, Tensor]:
+        d = x - target.to(x.dtype)
+        return -d.pow(2).sum(-1), -2 * d
+
+    return reward
+
+
+def bonferroni_threshold(n_coords: int, alpha_fw: float = 1e-3) -> float:
+    """``Φ⁻¹(1 − α/(2P))``: max-|z| acceptance bound over P coordinates (spec §11.3)."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(1 - alpha_fw / (2 * max(n_coords, 1)))
+
+
+def z_scores(est: Tensor, ref_mean: Tensor, ref_se: Tensor | float = 0.0) -> Tensor:
+    """Per-coordinate z of the mean of ``est`` (N, P) against a reference mean with its s.e."""
+    n = est.shape[0]
+    se = est.std(0) / math.sqrt(n)
+    tot = (se**2 + torch.as_tensor(ref_se) ** 2).sqrt()
+    ok = tot > 0
+    z = torch.zeros_like(se)
+    z[ok] = (est.mean(0)[ok] - ref_mean[ok]) / tot[ok]
+    return z
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Monte-Carlo harness shared by the tests and `rlr-dist bench estimators`
+
+
+def estimate(chain: _GroupedChain, estimator, reward, n_calls: int, m: int = 64, regulariser=None,
+             advantages=None, seed: int = 0, per_step: bool = False) -> Tensor:
+    """Batch-mean gradient estimates (``−∇`` of the surrogate) through the production sampling and
+    estimator code: ``n_calls`` optimiser steps, each drawing one plan (j, sampled steps, ...) shared by
+    ``G = chain.G`` independent batches of ``m`` trajectories. Shape ``(n_calls, G, P)`` or, with
+    ``per_step``, ``(n_calls, G, T+1, P)`` (the part credited to each step's parameter copy).
+
+    Batches of one call share the plan, so only call means are independent: use :func:`call_means`
+    for z-tests and :func:`batch_variance` for the variance of one batch with its own plan.
+    """
+    from rlr_dist.chain.trajectory import sample
+    from rlr_dist.estimators import Advantages, Batch
+    from rlr_dist.regularisers import make_regulariser
+
+    reg = regulariser or make_regulariser("none")
+    adv = advantages or Advantages("loo")
+    estimator.check(chain.schedule)
+    G, D = chain.G, chain.D
+    if per_step and chain.step_delta is None:
+        chain.with_step_copies()
+    gen = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.arange(G * m) // m
+    out = []
+    for _ in range(n_calls):
+        plan = estimator.plan(chain.schedule, gen)
+        x_T = torch.randn(G * m, D, generator=gen, dtype=torch.float64)
+        traj = sample(chain, x_T, plan, generator=gen, with_reference=reg.active, prompt_ids=prompt_ids)
+        R, dR = reward(traj.x0)
+        batch = Batch(traj, chain, R, dR if estimator.needs_reward_grad else None, reg, adv,
+                      reward_fn=lambda x, c: reward(x)[0])
+        loss = sum(term for _, term in estimator.terms(batch))
+        wrt = chain.step_delta if per_step else chain.theta
+        (g,) = torch.autograd.grad(loss, wrt, allow_unused=True)
+        g = torch.zeros_like(wrt) if g is None else g
+        out.append(-G * (g.transpose(0, 1) if per_step else g).detach())
+    return torch.stack(out)
+
+
+def call_means(est: Tensor) -> Tensor:
+    """Independent units for z-tests: the mean over the G batches of each call."""
+    return est.mean(1)
+
+
+def batch_variance(est: Tensor) -> float:
+    """``tr Cov`` of one batch-mean estimate with its own plan draw, by the law of total variance:
+    ``E[Var(g | plan)] + Var(E[g | plan])``, both estimated without bias from ``(calls, G, ...)``."""
+    n, G = est.shape[:2]
+    flat = est.reshape(n, G, -1)
+    within = flat.var(1).mean(0) if G > 1 else torch.zeros(flat.shape[-1], dtype=flat.dtype)
+    between = flat.mean(1).var(0) - within / G if n > 1 else torch.zeros_like(within)
+    return float((within + between.clamp_min(0)).sum())
