@@ -20,12 +20,24 @@ from torch import Tensor
 from rlr_dist.chain.schedule import GaussianSchedule
 
 
-def toy_schedule(T: int, eta: float = 1.0, deterministic_last: bool = False,
-                 logsnr_max: float = 6.0, logsnr_min: float = -4.0) -> GaussianSchedule:
-    """ᾱ_k = sigmoid(logSNR_k) with logSNR linear from ``logsnr_max`` (k=0) to ``logsnr_min`` (k=T)."""
-    lam = torch.linspace(logsnr_max, logsnr_min, T + 1, dtype=torch.float64)
-    return GaussianSchedule.from_alpha_bars(torch.sigmoid(lam), eta=eta,
-                                            last_step_eta=0.0 if deterministic_last else None)
+def toy_schedule(T: int, eta: float = 1.0, deterministic_last: bool = False, kind: str = "logsnr") -> GaussianSchedule:
+    """Schedules for the toy chains.
+
+    ``"logsnr"``: ᾱ_k = sigmoid(λ_k), λ linear from 6 (k = 0) to −4 (k = T) — smooth, for the tests.
+    ``"sd"``: Stable Diffusion 1.x's own ᾱ (scaled-linear β from 0.00085 to 0.012 over 1000 training
+    steps) on T strided "leading" timesteps with offset 1, landing on ``alphas_cumprod[0]`` as
+    ``set_alpha_to_one=False`` does — the step sizes a real fine-tuning run sees.
+    """
+    if kind == "logsnr":
+        alpha_bar = torch.sigmoid(torch.linspace(6.0, -4.0, T + 1, dtype=torch.float64))
+    elif kind == "sd":
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+        ac = torch.cumprod(1 - betas, 0)
+        taus = torch.arange(T, dtype=torch.long) * (1000 // T) + 1  # τ_1 .. τ_T
+        alpha_bar = torch.cat([ac[:1], ac[taus]])
+    else:
+        raise ValueError(f"toy schedule kind must be 'logsnr' or 'sd', got {kind!r}")
+    return GaussianSchedule.from_alpha_bars(alpha_bar, eta=eta, last_step_eta=0.0 if deterministic_last else None)
 
 
 class _GroupedChain:
@@ -67,12 +79,12 @@ class _GroupedChain:
 
 class MLPChain(_GroupedChain):
     def __init__(self, T: int = 6, D: int = 2, H: int = 8, G: int = 1, eta: float = 1.0,
-                 deterministic_last: bool = False, ref_noise: float = 0.3, seed: int = 0):
+                 deterministic_last: bool = False, ref_noise: float = 0.3, seed: int = 0, schedule: str = "logsnr"):
         self.D, self.H = D, H
         P = D * H + H + (T + 1) * H + H * D + D
         gen = torch.Generator().manual_seed(seed)
         init = 0.6 * torch.randn(P, generator=gen, dtype=torch.float64)
-        super().__init__(toy_schedule(T, eta, deterministic_last), P, G, init, ref_noise, seed)
+        super().__init__(toy_schedule(T, eta, deterministic_last, schedule), P, G, init, ref_noise, seed)
 
     def eps_model(self, x: Tensor, k: int, th: Tensor) -> Tensor:
         D, H, T = self.D, self.H, self.T

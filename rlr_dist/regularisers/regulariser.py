@@ -111,7 +111,7 @@ class SurrogateF(Regulariser):
     """
 
     def __init__(self, beta: float = 0.01, f: str = "forward_kl", lam: float | str = "auto", **params) -> None:
-        from rlr_dist.regularisers.divergences import FDIVS
+        from rlr_dist.regularisers.divergences import make_fdiv
 
         self.beta = _check_beta(beta)
         if self.beta == 0:
@@ -119,7 +119,7 @@ class SurrogateF(Regulariser):
         self.shaping = True
         self.f_name = f
         self.params = params
-        self.fdiv = FDIVS.get(f)(**params) if hasattr(FDIVS, "get") else FDIVS[f](**params)
+        self.fdiv = make_fdiv(f, **params)
         if not (lam == "auto" or isinstance(lam, (int, float))):
             raise ValueError(f"regulariser.lam must be 'auto' or a number, got {lam!r}")
         self.lam = lam
@@ -135,10 +135,8 @@ class SurrogateF(Regulariser):
 
         R64 = R.detach().double()
         lam = float(solve_lambda(R64, self.fdiv, self.beta)) if self.lam == "auto" else float(self.lam)
-        out = surrogate_reward(R64, self.fdiv, self.beta, lam)
-        Rt, dRt = out[0], out[1]
-        clamped = out[2] if len(out) > 2 else None
-        n_clamped = int(getattr(clamped, "sum", lambda: 0)()) if clamped is not None else 0
+        Rt, dRt, clamped = surrogate_reward(R64, self.fdiv, self.beta, lam)
+        n_clamped = int(clamped.sum())
         dR_new = None
         if dR is not None:
             dR_new = dR * dRt.to(dR.dtype).reshape((-1,) + (1,) * (dR.dim() - 1))

@@ -1,0 +1,141 @@
+"""Deterministic checks of the estimator machinery (exact equalities, recording, errors)."""
+import pytest
+import torch
+
+from rlr_dist.chain.trajectory import sample
+from rlr_dist.estimators import Advantages, Batch, backward_terms, make_estimator
+from rlr_dist.estimators.advantages import leave_one_out_mean
+from rlr_dist.estimators.rlr import RLR
+from rlr_dist.regularisers import make_regulariser
+from rlr_dist.toy import MLPChain, bump_reward
+
+
+def make_batch(est, chain=None, reg=None, adv=None, seed=0, m=16):
+    chain = chain or MLPChain(T=8, G=1)
+    reg = reg or make_regulariser("none")
+    gen = torch.Generator().manual_seed(seed)
+    plan = est.plan(chain.schedule, gen)
+    x_T = torch.randn(m, 2, generator=gen, dtype=torch.float64)
+    traj = sample(chain, x_T, plan, generator=gen, with_reference=reg.active, prompt_ids=torch.arange(m) // 4)
+    R, dR = bump_reward(traj.x0)
+    return chain, Batch(traj, chain, R, dR, reg, adv or Advantages("loo"), reward_fn=lambda x, c: bump_reward(x)[0])
+
+
+def grad_of(est, b, chain):
+    loss = sum(t for _, t in est.terms(b))
+    return torch.autograd.grad(loss, chain.theta)[0]
+
+
+def test_ppo_first_epoch_equals_score_function_and_clips_later():
+    plain, ppo = make_estimator("lr"), make_estimator("lr", clip_range=0.1)
+    chain, b = make_batch(ppo)
+    g_plain, g_ppo = grad_of(plain, b, chain), grad_of(ppo, b, chain)
+    torch.testing.assert_close(g_ppo, g_plain, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # a later inner epoch: the policy has moved away from the sampling policy
+        chain.theta += 0.3 * torch.randn(chain.theta.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g_plain2, g_ppo2 = grad_of(plain, b, chain), grad_of(ppo, b, chain)
+    assert (g_ppo2 - g_plain2).norm() > 1e-3 * g_plain2.norm()
+
+
+def test_reward_scale_multiplies_every_term_alike():
+    reg = make_regulariser("kl_exact", beta=0.3)
+    est = RLR(h=2)
+    chain, b0 = make_batch(est, reg=reg, adv=Advantages("loo", "none"))
+    _, b1 = make_batch(est, chain=chain, reg=reg, adv=Advantages("loo", "batch_std"))
+    s = float(b0.reward.std())
+    torch.testing.assert_close(grad_of(est, b1, chain), grad_of(est, b0, chain) / s, rtol=1e-10, atol=1e-14)
+
+
+def test_selective_recording_stores_only_planned_steps():
+    chain = MLPChain(T=20, G=1)
+    sampled = RLR(h=2, zo="lr_sampled", K=2)
+    _, b = make_batch(sampled, chain=chain)
+    p = b.traj.plan
+    assert set(b.traj.x) == set(p.states) and set(b.traj.eps) == set(p.noises)
+    assert set(p.states) == {1, p.j + 1, *p.steps} and len(p.steps) == 2
+    assert p.step_weight == pytest.approx((20 - 1 - 2) / 2)
+    _, b_all = make_batch(make_estimator("lr"), chain=chain)
+    assert b.traj.nbytes() < b_all.traj.nbytes() / 3
+
+
+def test_leave_one_out_baseline():
+    v = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 7.0], dtype=torch.float64)
+    g = torch.tensor([0, 0, 0, 1, 1, 2])
+    loo = leave_one_out_mean(v, g)
+    torch.testing.assert_close(loo[:5], torch.tensor([2.5, 2.0, 1.5, 20.0, 10.0], dtype=torch.float64))
+    assert loo[5] == pytest.approx((43 - 7) / 5)  # singleton prompt: the rest of the batch
+
+
+def test_running_advantages_round_trip():
+    a = Advantages("running", "running_std", momentum=0.5)
+    R = torch.tensor([1.0, 3.0, 5.0, 7.0], dtype=torch.float64)
+    ids = torch.tensor([0, 0, 1, 1])
+    torch.testing.assert_close(a(R, ids), R)  # no history: baseline 0
+    a.update(R, ids)
+    torch.testing.assert_close(a(R, ids), R - torch.tensor([2.0, 2.0, 6.0, 6.0], dtype=torch.float64))
+    b = Advantages("running", "running_std")
+    b.load_state_dict(a.state_dict())
+    assert b.prompt_mean == a.prompt_mean and b.std == a.std
+
+
+def test_backward_terms_matches_summed_loss_and_tracks_norms():
+    est = RLR(h=2, j_law="softmax")
+    chain, b = make_batch(est)
+    expected = grad_of(est, b, chain)
+    chain.theta.grad = None
+    stats = backward_terms(est.terms(b), chain.trainable_parameters(), track_norms=True)
+    torch.testing.assert_close(chain.theta.grad, expected)
+    zo_norms = {k: v for k, v in stats.items() if k.startswith("gnorm/zo:")}
+    assert len(zo_norms) == len(b.traj.plan.steps) and all(v > 0 for v in zo_norms.values())
+    est.observe(stats)
+    assert set(est.step_norm) == set(b.traj.plan.steps)
+
+
+def test_spsa_restores_parameters():
+    est = RLR(h=2, zo="spsa", spsa_scale=1e-2)
+    chain, b = make_batch(est)
+    before = chain.theta.detach().clone()
+    g = grad_of(est, b, chain)
+    torch.testing.assert_close(chain.theta.detach(), before, rtol=0, atol=1e-14)
+    assert g.norm() > 0
+
+
+@pytest.mark.parametrize("factory,needle", [
+    (lambda: make_estimator("lr"), "steps [1]"),
+    (lambda: RLR(h=2, fo=False), "steps [1]"),
+])
+def test_likelihood_ratio_on_deterministic_step_is_refused(factory, needle):
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        factory().check(MLPChain(T=6, deterministic_last=True).schedule)
+
+
+def test_bad_estimator_input_names_the_field():
+    with pytest.raises(ValueError, match="unknown estimator 'rlrr'.*full_bp"):
+        make_estimator("rlrr")
+    with pytest.raises(ValueError, match="estimator.h"):
+        RLR(h=0)
+    with pytest.raises(ValueError, match="estimator.j_range"):
+        RLR(j_law="range", j_range=(5, 2))
+    with pytest.raises(ValueError, match="K=9 exceeds"):
+        make_estimator("truncated_bp", K=9).check(MLPChain(T=6).schedule)
+    with pytest.raises(ValueError, match="no valid block start"):
+        RLR(h=6).check(MLPChain(T=6).schedule)
+    with pytest.raises(ValueError, match="unknown regulariser"):
+        make_regulariser("kl_exactt")
+    with pytest.raises(ValueError, match="regulariser.beta"):
+        make_regulariser("kl_exact", beta=-1)
+
+
+def test_pathwise_estimators_need_the_reward_gradient():
+    est = RLR(h=2)
+    chain, b = make_batch(est)
+    b.dR = None
+    with pytest.raises(ValueError, match="reward_grad"):
+        list(est.terms(b))
+
+
+def test_spsa_refuses_dpok_mode():
+    est = RLR(h=2, zo="spsa")
+    chain, b = make_batch(est, reg=make_regulariser("kl_dpok", beta=0.1))
+    with pytest.raises(ValueError, match="exact"):
+        list(est.terms(b))
