@@ -116,15 +116,6 @@ class SavedTensorMeter:
 # the setup
 
 
-class _DeviceAdvantages(Advantages):
-    """``Advantages`` computed on the CPU and moved back to the rewards' device (the baselines build
-    CPU tensors, so on CUDA the library's own call would mix devices)."""
-
-    def __call__(self, returns: Tensor, prompt_ids: Tensor | None) -> Tensor:
-        ids = None if prompt_ids is None else prompt_ids.cpu()
-        return super().__call__(returns.cpu(), ids).to(returns.device)
-
-
 def tiny_text_unet(seed: int = 0):
     """The tiny ``UNet2DConditionModel`` of shared/docs/stack.md §4 (0.79 M parameters), in eval mode."""
     from diffusers import UNet2DConditionModel
@@ -223,7 +214,7 @@ def activation_memory(T: int = 50, batch: int = 2, hs=(1, 2, 4), seed: int = 0,
         d = traj.x0 - target
         R = -d.flatten(1).pow(2).sum(1)
         dR = -2 * d
-        b = Batch(traj, chain, R, dR, advantages=_DeviceAdvantages("loo"))
+        b = Batch(traj, chain, R, dR, advantages=Advantages("loo"))
         for p in params:  # gradients exist before the step (as after the first one), so they are baseline
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -123,7 +123,7 @@ def sample(
     x = x_T
     xs: dict[int, Tensor] = {}
     eps: dict[int, Tensor] = {}
-    delta = torch.zeros(B, T + 1, dtype=torch.float64) if with_reference else None
+    delta = torch.zeros(B, T + 1, dtype=torch.float64, device=x_T.device) if with_reference else None
     if plan.record_all:
         xs[T] = x_T.clone()
     for k in range(T, 0, -1):
@@ -133,7 +133,7 @@ def sample(
         s = float(sigma[k])
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) if s > 0 else torch.zeros_like(x)
         if delta is not None and s > 0:
-            delta[:, k] = (sq_norm(mu - chain.ref_mean(x, k, cond)) / s**2).double().cpu()
+            delta[:, k] = (sq_norm(mu - chain.ref_mean(x, k, cond)) / s**2).double()
         if plan.needs_noise(k):
             eps[k] = noise
         x = mu + s * noise

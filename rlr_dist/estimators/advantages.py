@@ -31,9 +31,9 @@ class Advantages:
         G = returns.detach()
         if self.baseline == "none":
             return G
-        ids = prompt_ids if prompt_ids is not None else torch.zeros(G.shape[0], dtype=torch.long)
+        ids = (prompt_ids if prompt_ids is not None else torch.zeros(G.shape[0], dtype=torch.long)).to(G.device)
         if self.baseline == "running":
-            b = torch.tensor([self.prompt_mean.get(int(p), 0.0) for p in ids], dtype=G.dtype)
+            b = torch.tensor([self.prompt_mean.get(int(p), 0.0) for p in ids.tolist()], dtype=G.dtype, device=G.device)
             return G - b
         return G - leave_one_out_mean(G, ids)
 
@@ -51,7 +51,7 @@ class Advantages:
         """Fold this iteration's rewards into the running statistics (call after the step)."""
         R = rewards.detach().double()
         m = self.momentum
-        ids = prompt_ids if prompt_ids is not None else torch.zeros(R.shape[0], dtype=torch.long)
+        ids = (prompt_ids if prompt_ids is not None else torch.zeros(R.shape[0], dtype=torch.long)).to(R.device)
         for p in ids.unique():
             r = float(R[ids == p].mean())
             old = self.prompt_mean.get(int(p))
@@ -72,9 +72,9 @@ def leave_one_out_mean(values: Tensor, groups: Tensor) -> Tensor:
     """Mean of the *other* members of each sample's group; a singleton group uses the rest of the batch
     (still independent of the sample itself); a batch of one gets 0."""
     B = values.shape[0]
-    uniq, inv = groups.unique(return_inverse=True)
-    sums = torch.zeros(len(uniq), dtype=values.dtype).index_add_(0, inv, values)
-    counts = torch.zeros(len(uniq), dtype=values.dtype).index_add_(0, inv, torch.ones_like(values))
+    uniq, inv = groups.to(values.device).unique(return_inverse=True)
+    sums = values.new_zeros(len(uniq)).index_add_(0, inv, values)
+    counts = values.new_zeros(len(uniq)).index_add_(0, inv, torch.ones_like(values))
     n_other = counts[inv] - 1
     loo = (sums[inv] - values) / n_other.clamp_min(1)
     if B > 1:

@@ -51,6 +51,7 @@ class Batch:
     def __post_init__(self) -> None:
         R, dR, self.reward_stats = self.regulariser.transform_reward(self.reward.detach(), self.reward_grad)
         self.R = R.double()
+        self.traj.delta = None if self.traj.delta is None else self.traj.delta.to(self.R.device)
         self.dR = None if dR is None else dR.detach()
         self.scale = self.advantages.scale_factor(self.reward)
         reg, tr = self.regulariser, self.traj
