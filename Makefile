@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup test test-slow bench clean
+.PHONY: setup test bench clean
 
 setup: $(STAMP)
 
@@ -21,10 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow"
-
-test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/rlr-dist bench estimators

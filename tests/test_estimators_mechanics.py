@@ -139,3 +139,16 @@ def test_spsa_refuses_dpok_mode():
     chain, b = make_batch(est, reg=make_regulariser("kl_dpok", beta=0.1))
     with pytest.raises(ValueError, match="exact"):
         list(est.terms(b))
+
+
+def test_truncated_bp_random_K_and_checkpointed_full_bp():
+    est = make_estimator("truncated_bp", k_min=2, k_max=5)
+    sched = MLPChain(T=8).schedule
+    gen = torch.Generator().manual_seed(0)
+    Ks = {est.plan(sched, gen).K for _ in range(200)}
+    assert Ks == {2, 3, 4, 5}
+    chain, b = make_batch(est)
+    assert set(b.traj.x) == {b.traj.plan.K} and set(b.traj.eps) == set(range(1, b.traj.plan.K + 1))
+    full, full_ckpt = make_estimator("full_bp", checkpoint=False), make_estimator("full_bp", checkpoint=True)
+    chain, b = make_batch(full, reg=make_regulariser("kl_exact", beta=0.2))
+    torch.testing.assert_close(grad_of(full_ckpt, b, chain), grad_of(full, b, chain), rtol=1e-12, atol=1e-14)

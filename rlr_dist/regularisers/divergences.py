@@ -126,19 +126,10 @@ def _as_tensor(x: Any) -> Tensor:
     return x if isinstance(x, Tensor) else torch.as_tensor(x, dtype=torch.float64)
 
 
-# ====================================================================== step-wise closed forms (§7.2)
-
-
-class StepwiseDivergence:
-    """``d(δ)``: f-divergence between ``N(μ_θ, s²I)`` and ``N(μ_ref, s²I)``, ``δ = ‖μ_θ − μ_ref‖²/s²``.
-
-    ``__call__`` is elementwise, differentiable and keeps ``delta``'s dtype and device.
-    """
+class _Described:
+    """Name (from the registry), parameters, ``describe()`` and ``repr`` shared by both families."""
 
     registry_name: str = "?"
-
-    def __call__(self, delta: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def params(self) -> dict:
         return {}
@@ -153,6 +144,21 @@ class StepwiseDivergence:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
+
+
+# ====================================================================== step-wise closed forms (§7.2)
+
+
+class StepwiseDivergence(_Described):
+    """``d(δ)``: f-divergence between ``N(μ_θ, s²I)`` and ``N(μ_ref, s²I)``, ``δ = ‖μ_θ − μ_ref‖²/s²``.
+
+    ``__call__`` is elementwise, differentiable and keeps ``delta``'s dtype and device.
+    """
+
+
+    def __call__(self, delta: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
 
 
 @register_stepwise("kl")
@@ -222,7 +228,7 @@ def _log1mexp(z: Tensor) -> Tensor:
     return torch.where(z > -_LOG2, torch.log(-torch.expm1(z)), torch.log1p(-torch.exp(z)))
 
 
-class FDivergence:
+class FDivergence(_Described):
     """An f-divergence ``D_f(P‖Q) = E_Q[f(dP/dQ)]`` and the optimal tilt of ``max E_P[R] − β D_f(P‖Q)``.
 
     Subclasses define ``f``, ``f_prime`` (for ``u ≥ 0``) and, for ``y`` inside the open domain
@@ -231,7 +237,6 @@ class FDivergence:
     tilt 0 (log −inf, slope 0) at ``y ≤ y_lo``, +inf (slope 0) at ``y ≥ y_hi``, NaN stays NaN.
     """
 
-    registry_name: str = "?"
     y_lo: float = -math.inf
     y_hi: float = math.inf
 
@@ -294,19 +299,6 @@ class FDivergence:
         """Optional exact ``(R̃, dR̃/dR)``; ``None`` → the generic stable-log route."""
         return None
 
-    def params(self) -> dict:
-        return {}
-
-    @property
-    def name(self) -> str:
-        return self.registry_name
-
-    def describe(self) -> dict:
-        return {"name": self.name, **self.params()}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({args})"
 
 
 @register_f("reverse_kl")
