@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from rlr_dist.chain.schedule import GaussianSchedule
-from rlr_dist.chain.trajectory import Plan, inner, sq_norm
-from rlr_dist.estimators.base import (ESTIMATORS, Batch, Estimator, lr_term, pathwise_term,
+from rlr_dist.chain.trajectory import Plan, inner
+from rlr_dist.estimators.base import (ESTIMATORS, Batch, Estimator, explicit_cost, lr_term, pathwise_term,
                                       require_stochastic, segment)
 
 ZO_MODES = ("lr", "lr_sampled", "spsa", "none")
@@ -169,7 +169,7 @@ def _perturbed_return(b: Batch, C: set[int], amount: float, seed: int) -> Tensor
             mu = chain.mean(x, k, tr.cond)
             s = b.sigma(k)
             if reg.active and s > 0:
-                cost += reg.cost(sq_norm(mu - chain.ref_mean(x, k, tr.cond)) / s**2).double()
+                cost += explicit_cost(b, x, k, mu).double()
             x = mu + s * tr.noise(k) if s > 0 else mu
     finally:
         _shift(params, seed, -on)
@@ -181,7 +181,7 @@ def spsa_term(b: Batch, C: list[int], scale: float, seed: int) -> Tensor:
     """``−c ⟨sg u, θ⟩`` with ``c = mean_b (F(θ_C+s u) − F(θ_C−s u)) / 2s``: autograd gives ``−c·u``."""
     if b.regulariser.active and not b.regulariser.shaping:
         raise ValueError("zo='spsa' supports regularisers in exact (shaping) mode only")
-    if b.regulariser.active and b.regulariser.shaping is True and getattr(b.regulariser, "lam", None) == "auto":
+    if getattr(b.regulariser, "lam", None) == "auto":
         raise ValueError("zo='spsa' needs a fixed surrogate λ (regulariser.lam) so both passes see the same reward")
     Cs = set(C)
     c = ((_perturbed_return(b, Cs, scale, seed) - _perturbed_return(b, Cs, -scale, seed)) / (2 * scale)).mean()

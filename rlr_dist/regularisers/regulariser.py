@@ -16,12 +16,10 @@ the KL machinery: the KL-regularised optimum for R̃ is the f-regularised optimu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import torch
 from torch import Tensor
 
 from rlr_dist.registry import Registry
+from rlr_dist.regularisers.divergences import make_fdiv, make_stepwise, solve_lambda, surrogate_reward
 
 REGULARISERS: Registry[type["Regulariser"]] = Registry("regulariser")
 
@@ -87,8 +85,6 @@ class Stepwise(Regulariser):
     """
 
     def __init__(self, beta: float = 0.01, divergence: str = "amari", shaping: bool = True, **params) -> None:
-        from rlr_dist.regularisers.divergences import make_stepwise
-
         self.beta = _check_beta(beta)
         self.shaping = bool(shaping)
         self.divergence = divergence
@@ -111,8 +107,6 @@ class SurrogateF(Regulariser):
     """
 
     def __init__(self, beta: float = 0.01, f: str = "forward_kl", lam: float | str = "auto", **params) -> None:
-        from rlr_dist.regularisers.divergences import make_fdiv
-
         self.beta = _check_beta(beta)
         if self.beta == 0:
             raise ValueError("regulariser.beta must be > 0 for the surrogate-reward f-divergence")
@@ -125,14 +119,10 @@ class SurrogateF(Regulariser):
         self.lam = lam
 
     def fit_lambda(self, reference_rewards: Tensor) -> float:
-        from rlr_dist.regularisers.divergences import solve_lambda
-
         self.lam = float(solve_lambda(reference_rewards.detach().double(), self.fdiv, self.beta))
         return self.lam
 
     def transform_reward(self, R: Tensor, dR: Tensor | None) -> tuple[Tensor, Tensor | None, dict]:
-        from rlr_dist.regularisers.divergences import solve_lambda, surrogate_reward
-
         R64 = R.detach().double()
         lam = float(solve_lambda(R64, self.fdiv, self.beta)) if self.lam == "auto" else float(self.lam)
         Rt, dRt, clamped = surrogate_reward(R64, self.fdiv, self.beta, lam)
