@@ -1,0 +1,326 @@
+"""One interface over diffusers model layouts: load, condition, sample as a chain, decode, export.
+
+A :class:`DiffusionModel` owns the UNet (trainable: LoRA adapters or all weights), its scheduler config
+and, for latent layouts, the frozen VAE and text encoder. It hands the estimators a
+:class:`~rlr_dist.chain.denoiser.DenoiserChain` whose reference model is the same UNet with adapters
+disabled (LoRA; no second copy) or a frozen copy (full fine-tuning). Layouts differ only in how they
+condition, shape and decode; each is one registered subclass (``rlr_dist/models/layouts.py``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from abc import ABC, abstractmethod
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from rlr_dist import storage
+from rlr_dist.chain.denoiser import DenoiserChain
+from rlr_dist.chain.schedule import GaussianSchedule
+from rlr_dist.config import ConfigError
+from rlr_dist.models.config import ModelConfig
+from rlr_dist.models.lora import adapters_disabled, add_lora, lora_state_dict, merged_state_dict
+from rlr_dist.registry import Registry
+
+MODELS: Registry[type["DiffusionModel"]] = Registry("model layout")
+RLR_META = "rlr_model.json"
+
+# model_index.json's UNet class -> layout
+UNET_LAYOUTS = {"UNet2DModel": "pixel", "UNet2DConditionModel": "sd", "UNet3DConditionModel": "t2v"}
+UNSUPPORTED = {"UNetMotionModel": "AnimateDiff's UNetMotionModel is not supported yet (a tiny one fails for "
+                                  "more than one frame under diffusers 0.42.1)"}
+
+
+class ModelError(ValueError):
+    """A model path, folder or layout is wrong; the message names it."""
+
+
+class Denoiser(nn.Module):
+    """``(x, t, cond) -> model output`` of a layout's UNet, in fp32 (bf16/fp16 autocast inside when asked),
+    with optional per-call activation checkpointing of the trained model."""
+
+    def __init__(self, owner: "DiffusionModel", unet: nn.Module, checkpointed: bool = False):
+        super().__init__()
+        self.unet = unet
+        self._owner = [owner]  # not a submodule: parameters stay the UNet's
+        self.checkpointed = checkpointed
+
+    def _call(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        owner = self._owner[0]
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(owner.cfg.mixed_precision)
+        ctx = torch.autocast(x.device.type, dtype=dtype) if dtype is not None else nullcontext()
+        with ctx:
+            out = owner.unet_forward(self.unet, x, t, cond)
+        return out.float()
+
+    def forward(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(self._call, x, t, cond, use_reentrant=False)
+        return self._call(x, t, cond)
+
+
+class AdaptersOff(nn.Module):
+    """The LoRA model with adapters disabled: the pretrained reference, sharing every weight."""
+
+    def __init__(self, denoiser: Denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        with adapters_disabled(self.denoiser.unet):
+            return self.denoiser._call(x, t, cond)  # never checkpointed: a recompute would see adapters on
+
+
+class DiffusionModel(ABC):
+    """Base of every layout adapter. Subclasses load their extra components and define conditioning,
+    latent shape, the UNet call and decoding."""
+
+    unet_class: str = ""
+    video: bool = False
+    default_lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+
+    def __init__(self, folder: Path, cfg: ModelConfig, meta: dict | None = None):
+        from diffusers import DDIMScheduler
+
+        self.folder = Path(folder)
+        self.cfg = cfg
+        self.meta = meta or {}
+        self.unet = self._load_unet()
+        self.unet.eval()  # no dropout: UNet3D has hard-coded temporal dropout; sampling must be exact
+        try:
+            self.scheduler_config = dict(DDIMScheduler.load_config(self.folder, subfolder="scheduler"))
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{self.folder / 'scheduler'}: cannot read the scheduler config: {e}") from None
+        self.load_components()
+        self.lora_params: list[nn.Parameter] = []
+        if cfg.finetune == "lora":
+            self.lora_params, self.lora_targets = add_lora(self.unet, cfg.lora, self.default_lora_targets)
+            self.reference_unet = None
+        else:
+            self.unet.requires_grad_(True)
+            self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        self.denoiser = Denoiser(self, self.unet, checkpointed=cfg.gradient_checkpointing)
+        self.reference = (AdaptersOff(self.denoiser) if cfg.finetune == "lora"
+                          else Denoiser(self, self.reference_unet))
+
+    # ------------------------------------------------------------------ layout hooks
+    def _load_unet(self) -> nn.Module:
+        import diffusers
+
+        cls = getattr(diffusers, self.unet_class)
+        try:
+            return cls.from_pretrained(self.folder, subfolder="unet")
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise ModelError(f"{self.folder / 'unet'}: cannot load {self.unet_class}: {e}") from None
+
+    def load_components(self) -> None:
+        """Load the frozen extras (VAE, text encoder, tokenizer)."""
+
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one latent sample (no batch dim), e.g. ``(C, H, W)`` or ``(C, F, H, W)``."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: Sequence[str]) -> Any:
+        """The UNet condition for a batch of prompts (``None`` for unconditional models)."""
+
+    @abstractmethod
+    def null_cond(self) -> Any:
+        """The null condition for classifier-free guidance (batch 1), or ``None`` when CFG is impossible."""
+
+    @abstractmethod
+    def unet_forward(self, unet: nn.Module, x: Tensor, t: Tensor, cond: Any) -> Tensor: ...
+
+    @abstractmethod
+    def decoder(self) -> nn.Module:
+        """The frozen module mapping the chain's ``x_0`` to images in ``[0, 1]`` (what reward actors hold)."""
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """Differentiable map from ``x_0`` to images in ``[0, 1]``: ``(B,C,H,W)``, or ``(B,C,F,H,W)`` for video."""
+        return self.decoder()(x0)
+
+    # ------------------------------------------------------------------ chain
+    def schedule(self) -> GaussianSchedule:
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        cfg = self.cfg
+        if cfg.sampler == "ddim":
+            sched = DDIMScheduler.from_config(self.scheduler_config)
+            return GaussianSchedule.from_diffusers(sched, cfg.num_inference_steps, eta=cfg.eta,
+                                                   last_step_eta=cfg.last_step_eta)
+        sched = DDPMScheduler.from_config(self.scheduler_config)
+        return GaussianSchedule.from_diffusers(sched, cfg.num_inference_steps)
+
+    def chain(self, guidance_scale: float | None = None) -> DenoiserChain:
+        w = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
+        uncond = self.null_cond() if w != 1.0 else None
+        if w != 1.0 and uncond is None:
+            raise ConfigError(f"model.guidance_scale: {w} needs a null condition, and layout "
+                              f"{self.layout!r} of {self.folder} has none (unconditional model)")
+        return DenoiserChain(self.denoiser, self.schedule(), guidance_scale=w, uncond=uncond,
+                             ref_model=self.reference, params=self.trainable_parameters())
+
+    @property
+    def layout(self) -> str:
+        return getattr(type(self), "registry_name", type(self).__name__)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.lora_params) if self.cfg.finetune == "lora" else list(self.unet.parameters())
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Every module that must not change during training (for checks and device moves)."""
+        out = {name: m for name, m in (("vae", getattr(self, "vae", None)),
+                                      ("text_encoder", getattr(self, "text_encoder", None)),
+                                      ("reference_unet", self.reference_unet)) if m is not None}
+        return out
+
+    def to(self, device: str | torch.device) -> "DiffusionModel":
+        self.unet.to(device)
+        for m in self.frozen_modules().values():
+            m.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def initial_noise(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+        return torch.randn((batch, *self.latent_shape()), generator=generator, device=self.device)
+
+    # ------------------------------------------------------------------ export
+    def trained_state(self) -> dict[str, Tensor]:
+        """What changes during training: LoRA weights, or the full UNet state dict."""
+        if self.cfg.finetune == "lora":
+            return lora_state_dict(self.unet)
+        return {k: v.detach().cpu() for k, v in self.unet.state_dict().items()}
+
+    def load_trained_state(self, state: dict[str, Tensor]) -> None:
+        if self.cfg.finetune == "lora":
+            from peft import set_peft_model_state_dict
+
+            res = set_peft_model_state_dict(self.unet, state)
+            bad = [k for k in getattr(res, "unexpected_keys", []) if "lora_" in k]
+            if bad:
+                raise ModelError(f"LoRA state does not match this model: unexpected keys {bad[:3]}")
+        else:
+            self.unet.load_state_dict(state)
+
+    def export(self, uri: str | os.PathLike, lora_only: bool = False) -> None:
+        """Write a diffusers-loadable folder to a path or ``s3://``.
+
+        Full export: the pipeline folder with the UNet's trained weights (LoRA merged in), loadable with
+        ``DiffusionPipeline.from_pretrained`` and by :func:`load_model`. With LoRA, ``lora/`` also holds the
+        adapter alone (``pytorch_lora_weights.safetensors``, for ``pipe.load_lora_weights``);
+        ``lora_only`` writes just that.
+        """
+        from safetensors.torch import save_file
+
+        def write(tmp: Path) -> None:
+            if self.cfg.finetune == "lora":
+                lora_dir = tmp if lora_only else tmp / "lora"
+                lora_dir.mkdir(parents=True, exist_ok=True)
+                save_file({f"unet.{k}": v for k, v in lora_state_dict(self.unet).items()},
+                          str(lora_dir / "pytorch_lora_weights.safetensors"))
+                (lora_dir / "lora_config.json").write_text(json.dumps(
+                    {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha or self.cfg.lora.rank,
+                     "target_modules": self.lora_targets, "base": str(self.cfg.path)}, indent=1))
+                if lora_only:
+                    return
+            for item in self.folder.iterdir():
+                if item.name in ("unet", storage.MANIFEST) or item.name.startswith("."):
+                    continue
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+            fresh = type(self.unet).from_config(self.unet.config)
+            state = merged_state_dict(self.unet) if self.cfg.finetune == "lora" else self.unet.state_dict()
+            fresh.load_state_dict(state)
+            fresh.save_pretrained(tmp / "unet")
+
+        if storage.is_s3(uri):
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as d:
+                storage.atomic_dir(Path(d) / "export", write)
+                storage.upload(Path(d) / "export", str(uri))
+        else:
+            storage.atomic_dir(uri, write)
+
+
+# ---------------------------------------------------------------------------------------------- load
+TOY_PREFIX = "toy:"
+
+
+def resolve_model_folder(path: str) -> Path:
+    """A local folder for ``model.path``: local, ``s3://`` (downloaded, verified), ``toy:NAME`` or hub id."""
+    if path.startswith(TOY_PREFIX):
+        from rlr_dist.toy_world import asset_path
+
+        return Path(asset_path(path[len(TOY_PREFIX):]))
+    if storage.is_s3(path):
+        try:
+            return storage.resolve(path)
+        except storage.StorageError as e:
+            raise ModelError(f"model.path: {e}") from None
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelError(f"model.path: {path!r} is a file; expected a diffusers model folder")
+        return p
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if looks_like_hub_id and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(path))
+        except Exception as e:  # network / auth / missing repo
+            raise ModelError(f"model.path: cannot download hub model {path!r}: {e}") from None
+    hint = " (and the hub is offline: HF_HUB_OFFLINE=1)" if looks_like_hub_id else ""
+    raise ModelError(f"model.path: {path!r} does not exist{hint}")
+
+
+def detect_layout(folder: Path) -> tuple[str, dict]:
+    """``(layout, meta)`` from ``rlr_model.json`` or ``model_index.json``."""
+    meta_file = folder / RLR_META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("layout"):
+        return meta["layout"], meta
+    index = folder / "model_index.json"
+    if index.is_file():
+        unet = json.loads(index.read_text()).get("unet")
+        cls = unet[1] if isinstance(unet, list) and len(unet) == 2 else None
+    elif (folder / "unet" / "config.json").is_file():
+        cls = json.loads((folder / "unet" / "config.json").read_text()).get("_class_name")
+    else:
+        raise ModelError(f"{folder}: not a diffusers model folder (no model_index.json, {RLR_META} or unet/config.json)")
+    if cls in UNSUPPORTED:
+        raise ModelError(f"{folder}: {UNSUPPORTED[cls]}")
+    if cls not in UNET_LAYOUTS:
+        raise ModelError(f"{folder}: unsupported denoiser class {cls!r}; supported: {sorted(UNET_LAYOUTS)}")
+    return UNET_LAYOUTS[cls], meta
+
+
+def load_model(cfg: ModelConfig | dict | str, device: str | torch.device = "cpu") -> DiffusionModel:
+    """Load the model ``cfg`` names (a :class:`ModelConfig`, its dict form, or just a path)."""
+    from rlr_dist.config import build
+
+    if isinstance(cfg, str):
+        cfg = ModelConfig(path=cfg)
+    elif isinstance(cfg, dict):
+        cfg = build(ModelConfig, cfg, "model")
+    import rlr_dist.models.layouts  # noqa: F401  (registers the layouts)
+
+    folder = resolve_model_folder(cfg.path)
+    layout, meta = detect_layout(folder)
+    if cfg.layout is not None and cfg.layout != layout:
+        raise ModelError(f"model.layout: {cfg.layout!r} given, but {folder} holds a {layout!r} model")
+    try:
+        cls = MODELS.get(layout)
+    except ValueError as e:
+        raise ModelError(f"{folder}: {e}") from None
+    return cls(folder, cfg, meta).to(device)
