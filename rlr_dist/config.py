@@ -115,9 +115,11 @@ def build(cls: type[C], data: dict | None, where: str = "") -> C:
     try:
         obj = cls(**kwargs)
     except ConfigError as e:
-        if where and not str(e).startswith(where):
-            raise ConfigError(f"{where}.{e}") from None
-        raise
+        msg = str(e)
+        if not where or msg.startswith(where):
+            raise
+        last = where.rsplit(".", 1)[-1]  # a nested section naming itself ("lora.rank" inside "model.lora")
+        raise ConfigError(where + msg[len(last):] if msg.startswith(last + ".") else f"{where}.{msg}") from None
     return obj
 
 

@@ -5,11 +5,16 @@ video, ``(B, C, F, H, W)``. :class:`RewardScorer` joins a reward to the model's 
 rescale for pixel models, the VAE for latent ones) so that ``score(x_0, prompts, need_grad)`` returns
 ``R`` (B,) and, for differentiable rewards, ``∂R/∂x_0`` with respect to the *latent* the chain produced.
 The scorer is what a reward actor holds; estimators only ever see the two tensors.
+
+:func:`apply_reward` is the one place that matches a reward's ``modality`` to its input: an ``image``
+reward given video is applied frame by frame and averaged over frames, a ``video`` reward given images
+is an error. Composite rewards (``weighted_sum``, ``video_frames``) call their parts through it too.
 """
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from typing import Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,10 +24,25 @@ from rlr_dist.registry import Registry
 REWARDS: Registry[type["Reward"]] = Registry("reward")
 
 Decoder = Callable[[Tensor], Tensor]
+MODALITIES = ("image", "video", "any")
 
 
 class RewardError(ValueError):
     """A reward produced something unusable (wrong shape, NaN/inf, no gradient); names the reward."""
+
+
+class RewardParamError(RewardError):
+    """A reward was given a bad parameter; ``field`` is its dotted name inside the reward's params."""
+
+    def __init__(self, reward: str, field: str, msg: str):
+        super().__init__(f"reward {reward!r}: parameter {field!r}: {msg}")
+        self.reward, self.field, self.msg = reward, field, msg
+
+
+def check_param(reward: str, field: str, ok: bool, msg: str) -> None:
+    """Raise :class:`RewardParamError` naming ``reward`` and ``field`` unless ``ok``."""
+    if not ok:
+        raise RewardParamError(reward, field, msg)
 
 
 class Reward(nn.Module, ABC):
@@ -31,6 +51,8 @@ class Reward(nn.Module, ABC):
     Subclasses set ``differentiable`` (whether ``∂R/∂images`` is meaningful) and ``modality``
     (``"image"``: applied per frame to video; ``"video"``: needs 5-D input; ``"any"``).
     ``forward(images, prompts) -> (B,)`` must be a torch function of ``images`` when differentiable.
+    Composite rewards may set both per instance. Call rewards through :func:`apply_reward` (or a
+    :class:`RewardScorer`) rather than directly, so modality and output checks apply.
     """
 
     differentiable: bool = False
@@ -45,20 +67,60 @@ class Reward(nn.Module, ABC):
 
 
 def make_reward(name: str, **params) -> Reward:
-    """Instantiate a registered reward by name (``params`` are its constructor arguments)."""
-    cls = REWARDS.get(name)
+    """Instantiate a registered reward by name (``params`` are its constructor arguments).
+
+    Unknown or missing parameters raise :class:`RewardParamError` naming the reward and the field.
+    """
     try:
-        return cls(**params)
-    except TypeError as e:
-        raise RewardError(f"reward {name!r}: bad parameters {sorted(params)}: {e}") from None
+        cls = REWARDS.get(name)
+    except ValueError as e:
+        raise RewardError(str(e)) from None
+    if cls.__init__ in (nn.Module.__init__, object.__init__):  # no constructor of its own: no parameters
+        takes_any, named = False, {}
+    else:
+        sig = inspect.signature(cls)
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+        named = {k: p for k, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if not takes_any:
+        for key in sorted(params):
+            check_param(name, key, key in named, f"unknown parameter; {name!r} takes {sorted(named)}")
+    for key, p in named.items():
+        check_param(name, key, p.default is not p.empty or key in params, "required parameter is missing")
+    return cls(**params)
+
+
+def reward_from_spec(spec: Any, owner: str, field: str,
+                     extra: dict[str, Any] | None = None) -> tuple[Reward, dict[str, Any]]:
+    """Build the reward nested at parameter ``field`` of reward ``owner`` from
+    ``{"name": ..., "params": {...}, **extra}``.
+
+    ``extra`` maps the other allowed keys to their defaults (e.g. ``{"weight": 1.0}``); their values are
+    returned. Errors are :class:`RewardParamError` of ``owner`` whose field is the full path inside its
+    params (e.g. ``parts[1].params.quality``), so a config error names it.
+    """
+    extra = extra or {}
+    if not isinstance(spec, dict):
+        raise RewardParamError(owner, field, f"expected a mapping {{name: ..., params: {{...}}}}, got {spec!r}")
+    allowed = {"name", "params", *extra}
+    for key in sorted(spec):
+        if key not in allowed:
+            raise RewardParamError(owner, f"{field}.{key}", f"unknown key; allowed {sorted(allowed)}")
+    name = spec.get("name")
+    if not isinstance(name, str) or name not in REWARDS:
+        raise RewardParamError(owner, f"{field}.name", f"unknown reward {name!r}; choose one of {REWARDS.names()}")
+    params = spec.get("params") or {}
+    if not isinstance(params, dict):
+        raise RewardParamError(owner, f"{field}.params", f"expected a mapping, got {params!r}")
+    try:
+        reward = make_reward(name, **params)
+    except RewardParamError as e:
+        raise RewardParamError(owner, f"{field}.params.{e.field}", f"({e.reward}) {e.msg}") from None
+    return reward, {k: spec.get(k, d) for k, d in extra.items()}
 
 
 def check_output(name: str, R: Tensor, batch: int) -> Tensor:
     """``R`` must be a finite tensor of shape ``(batch,)``; otherwise raise naming the reward."""
-    if not isinstance(R, Tensor):
-        raise RewardError(f"reward {name!r} returned {type(R).__name__}, expected a tensor of shape ({batch},)")
-    if R.shape != (batch,):
-        raise RewardError(f"reward {name!r} returned shape {tuple(R.shape)}, expected ({batch},)")
+    check_shape(name, R, batch)
     bad = ~torch.isfinite(R.detach())
     if bad.any():
         idx = bad.nonzero().flatten().tolist()[:8]
@@ -66,16 +128,71 @@ def check_output(name: str, R: Tensor, batch: int) -> Tensor:
     return R
 
 
+def check_shape(name: str, R: Tensor, batch: int) -> Tensor:
+    """``R`` must be a tensor of shape ``(batch,)`` (values not checked); otherwise raise naming the reward."""
+    if not isinstance(R, Tensor):
+        raise RewardError(f"reward {name!r} returned {type(R).__name__}, expected a tensor of shape ({batch},)")
+    if R.shape != (batch,):
+        raise RewardError(f"reward {name!r} returned shape {tuple(R.shape)}, expected ({batch},)")
+    return R
+
+
+def repeat_prompts(prompts: Any, times: int) -> Any:
+    """Each sample's prompt (or conditioning row) repeated ``times`` times, sample-major."""
+    if prompts is None:
+        return None
+    if isinstance(prompts, Tensor):
+        return prompts.repeat_interleave(times, dim=0)
+    return [p for p in prompts for _ in range(times)]
+
+
+def frames_to_batch(video: Tensor) -> Tensor:
+    """``(B, C, F, H, W)`` -> ``(B·F, C, H, W)``, sample-major (frame ``f`` of sample ``b`` at ``b·F + f``)."""
+    B, C, F, H, W = video.shape
+    return video.permute(0, 2, 1, 3, 4).reshape(B * F, C, H, W)
+
+
+def apply_reward(reward: Reward, images: Tensor, prompts: Sequence[str] | None = None, *,
+                 name: str | None = None, finite: bool = True) -> Tensor:
+    """``reward(images, prompts)`` with modality handling and output checks; returns ``(B,)``.
+
+    An ``image`` reward on ``(B, C, F, H, W)`` scores the ``B·F`` frames (prompts repeated per frame) and
+    averages over frames; a ``video`` reward on 4-D input raises. ``name`` overrides the name used in
+    errors; ``finite=False`` checks only the shape (for callers that handle NaN/inf themselves).
+    """
+    name = name or reward.name
+    check = check_output if finite else check_shape
+    if images.dim() not in (4, 5):
+        raise RewardError(f"reward {name!r}: expected images (B, C, H, W) or video (B, C, F, H, W), "
+                          f"got shape {tuple(images.shape)}")
+    if reward.modality == "video" and images.dim() == 4:
+        raise RewardError(f"reward {name!r} scores video (B, C, F, H, W) but was given images of shape "
+                          f"{tuple(images.shape)}")
+    if reward.modality == "image" and images.dim() == 5:
+        B, F = images.shape[0], images.shape[2]
+        R = check(name, reward(frames_to_batch(images), repeat_prompts(prompts, F)), B * F)
+        return R.view(B, F).mean(dim=1)
+    return check(name, reward(images, prompts), images.shape[0])
+
+
 class RewardScorer:
     """A reward plus the decoder from the chain's latent ``x_0`` to images in ``[0, 1]``.
 
     ``score(x0, prompts, need_grad)`` -> ``(R, dR/dx0 or None)``, both detached, ``R`` float32 (B,).
     With ``need_grad`` the decoder and reward are differentiated with respect to ``x0``.
+
+    ``on_nonfinite``: ``"fail"`` raises on a NaN/inf reward; ``"drop"`` keeps going and reports which
+    samples to drop through :meth:`score_keep` (their ``R`` and gradient are set to 0); a batch with no
+    finite reward still raises.
     """
 
-    def __init__(self, reward: Reward, decoder: Decoder | None = None):
+    def __init__(self, reward: Reward, decoder: Decoder | None = None,
+                 on_nonfinite: Literal["fail", "drop"] = "fail"):
+        if on_nonfinite not in ("fail", "drop"):
+            raise RewardError(f"reward {reward.name!r}: on_nonfinite must be 'fail' or 'drop', got {on_nonfinite!r}")
         self.reward = reward
         self.decoder = decoder if decoder is not None else (lambda x: (x / 2 + 0.5).clamp(0, 1))
+        self.on_nonfinite = on_nonfinite
 
     @property
     def differentiable(self) -> bool:
@@ -83,19 +200,32 @@ class RewardScorer:
 
     def score(self, x0: Tensor, prompts: Sequence[str] | None = None,
               need_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+        R, g, _ = self.score_keep(x0, prompts, need_grad)
+        return R, g
+
+    def score_keep(self, x0: Tensor, prompts: Sequence[str] | None = None,
+                   need_grad: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
+        """As :meth:`score`, plus ``keep`` (B,) bool: False where the reward was non-finite (drop mode)."""
         name = self.reward.name
         if need_grad and not self.reward.differentiable:
             raise RewardError(f"reward {name!r} is not differentiable; the estimator needs ∂R/∂x_0 "
                               "(use a black-box estimator such as lr or rlr with fo=false)")
+        drop = self.on_nonfinite == "drop"
         B = x0.shape[0]
         with torch.enable_grad() if need_grad else torch.no_grad():
             x = x0.detach().requires_grad_(need_grad)
-            R = check_output(name, self.reward(self.decoder(x), prompts), B)
+            R = apply_reward(self.reward, self.decoder(x), prompts, finite=not drop)
+            keep = torch.isfinite(R.detach())
+            if not keep.any():
+                raise RewardError(f"reward {name!r} returned non-finite values (NaN/inf) for every sample")
+            R_kept = torch.where(keep, R, torch.zeros_like(R))
             if not need_grad:
-                return R.detach().float(), None
+                return R_kept.detach().float(), None, keep
             if not R.requires_grad:
                 raise RewardError(f"reward {name!r} claims to be differentiable but its output has no gradient")
-            (g,) = torch.autograd.grad(R.sum(), x)
+            (g,) = torch.autograd.grad(R_kept.sum(), x)
+        if not keep.all():
+            g = torch.where(keep.view(B, *[1] * (g.dim() - 1)), g, torch.zeros_like(g))
         if not torch.isfinite(g).all():
             raise RewardError(f"reward {name!r}: gradient ∂R/∂x_0 has non-finite values")
-        return R.detach().float(), g.detach()
+        return R_kept.detach().float(), g.detach(), keep
