@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlr_dist.rewards.base import REWARDS, Reward, RewardError
+from rlr_dist.rewards.base import REWARDS, Reward, RewardError, check_param
 
 
 def _load(path: str | Path | None, default: str):
@@ -59,13 +59,9 @@ def _logprob(model: torch.nn.Module, images: Tensor, target: int) -> Tensor:
 
 
 def _check_target(name: str, target) -> int:
-    try:
-        t = int(target)
-    except (TypeError, ValueError):
-        raise RewardError(f"reward {name!r}: target must be a digit 0..9, got {target!r}") from None
-    if not 0 <= t <= 9 or t != target:
-        raise RewardError(f"reward {name!r}: target must be a digit 0..9, got {target!r}")
-    return t
+    ok = isinstance(target, int) and not isinstance(target, bool) and 0 <= target <= 9
+    check_param(name, "target", ok, f"must be a digit 0..9 (int), got {target!r}")
+    return int(target)
 
 
 @REWARDS.register("digit_logprob")
