@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench demo clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ test: setup
 
 bench: setup
 	$(BIN)/rlr-dist bench estimators
+
+# Fine-tune the shipped digits model toward "3" on a local Ray cluster (CPU), then print before/after scores.
+demo: setup
+	$(BIN)/rlr-dist train jobs/configs/digits.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -50,6 +50,128 @@ def _add_pretrain(sub) -> None:
     pre.set_defaults(func=_pretrain)
 
 
+def _config(args: argparse.Namespace):
+    from rlr_dist.train.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rlr_dist.pipeline.run import train
+
+    cfg = _config(args)  # validated before any Ray resource is taken
+    out = train(cfg, resume=args.resume)
+    m = out["metrics"]
+    print(f"[rlr-dist] done in {out['seconds']:.0f} s: {int(m.get('weights_version', 0))} iterations, "
+          f"reward {m.get('reward/mean', float('nan')):.3f}; MLflow run {out['run_id']} ({out['tracking_uri']})")
+    before = out.get("before") or {}
+    for key in ("eval/reward", "eval/heldout"):
+        if key in m and key in before:
+            print(f"[rlr-dist] {key}: before {before[key]:.3f} -> after {m[key]:.3f}")
+    print(f"[rlr-dist] outputs: {out['output_dir']} (samples/, reward_curve.png); checkpoint: {out['checkpoint']}")
+    if cfg.export:
+        print(f"[rlr-dist] fine-tuned model: {cfg.export}")
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from rlr_dist.train.config import dump
+
+    print(dump(_config(args)), end="")
+    return 0
+
+
+def _model_prompts(args: argparse.Namespace):
+    import torch
+
+    from rlr_dist.models import load_model
+
+    torch.set_num_threads(args.threads)
+    model = load_model({"path": args.model, "num_inference_steps": args.steps, "guidance_scale": args.guidance})
+    prompts = [args.prompt[i % len(args.prompt)] for i in range(args.n)]
+    return model, prompts
+
+
+def _draw(model, prompts, seed):
+    import torch
+
+    from rlr_dist.chain.trajectory import Plan, sample
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        x0 = sample(model.chain(), model.initial_noise(len(prompts), g), Plan(), model.encode_prompts(prompts), g).x0
+        return x0, model.decode(x0)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from rlr_dist.pipeline.pictures import save_samples
+
+    model, prompts = _model_prompts(args)
+    _, images = _draw(model, prompts, args.seed)
+    path = save_samples(images, args.out.rsplit(".", 1)[0] if args.out.endswith((".png", ".gif")) else args.out)
+    print(f"[rlr-dist] {len(prompts)} samples of {args.model} -> {path}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import yaml
+
+    from rlr_dist.rewards import build_scorer
+
+    model, prompts = _model_prompts(args)
+    scorer = build_scorer({"name": args.reward, "params": yaml.safe_load(args.params) or {}}, model.decoder())
+    x0, _ = _draw(model, prompts, args.seed)
+    R, _ = scorer.score(x0, prompts)
+    print(f"{args.reward} on {len(R)} samples of {args.model}: mean {float(R.mean()):.4f}  std {float(R.std()):.4f}")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    from rlr_dist.pipeline.tracking import tracking_uri
+
+    uri = args.uri or tracking_uri(None, Path(args.output_dir))
+    print(f"[rlr-dist] MLflow UI for {uri} at http://127.0.0.1:{args.port}", flush=True)
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port),
+                            "--backend-store-uri", uri])
+
+
+def _add_run_commands(sub) -> None:
+    tr = sub.add_parser("train", help="fine-tune on Ray (samplers, reward actors, DeepSpeed learners)",
+                        description="Train with the config file plus dotted overrides, e.g. --estimator.h=2.")
+    tr.add_argument("config", help="YAML config (see jobs/configs/)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in the config's output_dir")
+    tr.set_defaults(func=_train, takes_overrides=True)
+    cfg = sub.add_parser("config", help="configuration tools")
+    csub = cfg.add_subparsers(dest="what", required=True)
+    show = csub.add_parser("show", help="print the resolved config (defaults + file + overrides)")
+    show.add_argument("config", nargs="?", default=None, help="YAML config (none: the defaults)")
+    show.set_defaults(func=_config_show, takes_overrides=True)
+    for name, func, helptext in (("sample", _sample, "draw samples from a model folder and save a grid / GIF"),
+                                 ("eval", _eval, "score samples of a model folder with a reward")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("model", help="model folder (an export, a diffusers folder, s3://..., toy:digits)")
+        c.add_argument("--prompt", nargs="+", default=[""], help="prompts, cycled (default: the empty prompt)")
+        c.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+        c.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+        c.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1)")
+        c.add_argument("--seed", type=int, default=0)
+        c.add_argument("--threads", type=int, default=1)
+        if name == "sample":
+            c.add_argument("--out", default="samples", help="output path stem (.png, or .gif for video)")
+        else:
+            c.add_argument("--reward", default="digit_evaluator_hit", help="registered reward name")
+            c.add_argument("--params", default="{target: 3}", help="reward parameters as YAML (default '{target: 3}')")
+        c.set_defaults(func=func)
+    ui = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1")
+    ui.add_argument("--output-dir", default="runs/digits", help="a run's output_dir (its sqlite store)")
+    ui.add_argument("--uri", default=None, help="tracking URI (overrides --output-dir)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=_ui)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlr-dist", description="RLR fine-tuning of diffusion models on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -67,13 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", default="docs/results/estimators.md", help="report path, '-' for none")
     be.set_defaults(func=_bench_estimators)
     _add_pretrain(sub)
+    _add_run_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rlr_dist.config import ConfigError
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if not (e.startswith("--") and "=" in e)]
+    if bad or (extra and not getattr(args, "takes_overrides", False)):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)} (overrides look like --section.key=value)")
+    args.overrides = extra
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"rlr-dist: config error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -82,6 +82,26 @@ class Trajectory:
             raise KeyError(f"noise ε_{k} was not recorded (plan records {sorted(self.eps)})")
         return self.eps[k]
 
+    def to(self, device: str | torch.device) -> "Trajectory":
+        """A copy with every tensor on ``device`` (plan, seed and meta shared)."""
+        def mv(v: Any) -> Any:
+            return v.to(device) if isinstance(v, Tensor) else v
+
+        return Trajectory(x0=mv(self.x0), x={k: mv(v) for k, v in self.x.items()},
+                          eps={k: mv(v) for k, v in self.eps.items()}, sigma=mv(self.sigma),
+                          timesteps=mv(self.timesteps), plan=self.plan, cond=mv(self.cond),
+                          prompt_ids=mv(self.prompt_ids), delta=mv(self.delta), seed=self.seed, meta=self.meta)
+
+    def select(self, keep: Tensor) -> "Trajectory":
+        """The samples where ``keep`` (B,) is true (e.g. dropping non-finite rewards)."""
+        def sel(v: Any) -> Any:
+            return v[keep] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == keep.shape[0] else v
+
+        return Trajectory(x0=sel(self.x0), x={k: sel(v) for k, v in self.x.items()},
+                          eps={k: sel(v) for k, v in self.eps.items()}, sigma=self.sigma,
+                          timesteps=self.timesteps, plan=self.plan, cond=sel(self.cond),
+                          prompt_ids=sel(self.prompt_ids), delta=sel(self.delta), seed=self.seed, meta=self.meta)
+
     def nbytes(self) -> int:
         tensors = [self.x0, *self.x.values(), *self.eps.values()]
         return sum(t.numel() * t.element_size() for t in tensors)

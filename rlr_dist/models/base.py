@@ -142,6 +142,11 @@ class DiffusionModel(ABC):
     def decoder(self) -> nn.Module:
         """The frozen module mapping the chain's ``x_0`` to images in ``[0, 1]`` (what reward actors hold)."""
 
+    @classmethod
+    def load_decoder(cls, folder: Path, cfg: ModelConfig) -> nn.Module:
+        """The decoder alone, without the UNet (what a reward actor loads)."""
+        raise NotImplementedError
+
     def decode(self, x0: Tensor) -> Tensor:
         """Differentiable map from ``x_0`` to images in ``[0, 1]``: ``(B,C,H,W)``, or ``(B,C,F,H,W)`` for video."""
         return self.decoder()(x0)
@@ -305,8 +310,7 @@ def detect_layout(folder: Path) -> tuple[str, dict]:
     return UNET_LAYOUTS[cls], meta
 
 
-def load_model(cfg: ModelConfig | dict | str, device: str | torch.device = "cpu") -> DiffusionModel:
-    """Load the model ``cfg`` names (a :class:`ModelConfig`, its dict form, or just a path)."""
+def _locate(cfg: ModelConfig | dict | str) -> tuple[ModelConfig, Path, type[DiffusionModel], dict]:
     from rlr_dist.config import build
 
     if isinstance(cfg, str):
@@ -323,4 +327,16 @@ def load_model(cfg: ModelConfig | dict | str, device: str | torch.device = "cpu"
         cls = MODELS.get(layout)
     except ValueError as e:
         raise ModelError(f"{folder}: {e}") from None
+    return cfg, folder, cls, meta
+
+
+def load_model(cfg: ModelConfig | dict | str, device: str | torch.device = "cpu") -> DiffusionModel:
+    """Load the model ``cfg`` names (a :class:`ModelConfig`, its dict form, or just a path)."""
+    cfg, folder, cls, meta = _locate(cfg)
     return cls(folder, cfg, meta).to(device)
+
+
+def load_decoder(cfg: ModelConfig | dict | str, device: str | torch.device = "cpu") -> nn.Module:
+    """Only the frozen decoder of the model ``cfg`` names (latent -> images in [0, 1]), for reward actors."""
+    cfg, folder, cls, _ = _locate(cfg)
+    return cls.load_decoder(folder, cfg).to(device).requires_grad_(False).eval()

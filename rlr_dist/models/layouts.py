@@ -113,6 +113,10 @@ class PixelModel(DiffusionModel):
     def decoder(self) -> nn.Module:
         return PixelDecoder()
 
+    @classmethod
+    def load_decoder(cls, folder, cfg) -> nn.Module:
+        return PixelDecoder()
+
 
 @MODELS.register("pixel_video")
 class PixelVideoModel(PixelModel):
@@ -191,6 +195,16 @@ class StableDiffusionModel(DiffusionModel):
 
     def decoder(self) -> nn.Module:
         return LatentDecoder(self.vae, slice_size=1 if self.cfg.vae_slicing else None)
+
+    @classmethod
+    def load_decoder(cls, folder, cfg) -> nn.Module:
+        from diffusers import AutoencoderKL
+
+        try:
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise ModelError(f"{folder / 'vae'}: cannot load the VAE: {e}") from None
+        return LatentDecoder(vae, slice_size=1 if cfg.vae_slicing else None)
 
 
 @MODELS.register("t2v")

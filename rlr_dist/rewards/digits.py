@@ -88,6 +88,20 @@ class DigitEvaluator(DigitLogProb):
     default_asset = "evaluator"
 
 
+@REWARDS.register("digit_evaluator_hit")
+class DigitEvaluatorHit(DigitLogProb):
+    """1 when the held-out evaluator's top class is ``target``, else 0: its mean over samples is the
+    fraction of samples the evaluator reads as the target digit (a report metric, not a training reward)."""
+
+    differentiable = False
+    default_asset = "evaluator"
+
+    def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
+        frames, Fr = _to_frames(images)
+        hit = (self.classifier(frames).argmax(1) == self.target).float()
+        return hit.reshape(-1, Fr).mean(1)
+
+
 @lru_cache(maxsize=4)
 def _cached(path: str | None, default: str):
     return _load(path, default)

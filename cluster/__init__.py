@@ -1,0 +1,1 @@
+"""Deployment manifests for rlr-dist (Ray cluster launcher, KubeRay) and their offline validator."""

@@ -1,0 +1,172 @@
+"""Sampler and reward-model workers: plain classes that become Ray actors in the controller.
+
+A sampler holds a model replica and produces trajectories for the estimator; a reward worker holds the
+reward model (and the decoder) and scores them. Both only wrap :mod:`rlr_dist.train.step`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from rlr_dist.config import build
+from rlr_dist.models import load_decoder, load_model
+from rlr_dist.rewards import build_scorer
+from rlr_dist.train import step
+from rlr_dist.train.config import TrainConfig
+
+PROBE_SEED = 20_251_122
+
+
+class StaleWeights(RuntimeError):
+    """A sampler was asked for a weight version it does not hold (e.g. it restarted)."""
+
+
+def _device(num_gpus: float) -> str:
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def _threads() -> None:
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+
+def probe_output(model, prompt: str) -> Tensor:
+    """One fixed-noise UNet prediction at the first step: a cheap fingerprint of the trained weights."""
+    chain = model.chain()
+    g = torch.Generator(device=model.device).manual_seed(PROBE_SEED)
+    x = model.initial_noise(1, g)
+    with torch.no_grad():
+        cond = model.encode_prompts([prompt])
+        return chain.mean(x, chain.schedule.T, cond).float().cpu()
+
+
+def _maybe_crash(index: int, iteration: int) -> None:
+    """Fault injection for tests: ``RLR_DIST_CRASH_SAMPLER=INDEX:ITERATION:MARKER`` kills sampler INDEX
+    (the whole process, as a lost node would) at ITERATION, once (the marker file records it)."""
+    spec = os.environ.get("RLR_DIST_CRASH_SAMPLER")
+    if not spec:
+        return
+    i, it, marker = spec.split(":", 2)
+    if int(i) == index and int(it) == iteration and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+
+
+class WeightStore:
+    """The latest trained state (held by reference) and its version. Samplers that restart, or miss a
+    sync, pull from here instead of asking a particular learner."""
+
+    def __init__(self):
+        self.ref, self.version = None, -1
+
+    def put(self, boxed_ref: list, version: int) -> None:
+        self.ref, self.version = boxed_ref[0], version  # boxed: Ray passes the ref, not the tensors
+
+    def get(self) -> tuple[list, int]:
+        return [self.ref], self.version
+
+
+class SamplerWorker:
+    def __init__(self, cfg: dict, index: int = 0, store=None):
+        _threads()
+        self.store = store
+        self.cfg = build(TrainConfig, cfg)
+        self.index = index
+        self.model = load_model(self.cfg.model, _device(self.cfg.cluster.samplers.num_gpus))
+        self.estimator = self.cfg.make_estimator()
+        self.with_reference = True  # KL to the reference is logged every iteration
+        self.version = 0
+        self.probe_prompt = self.cfg.data.load_prompts()[0]
+
+    def set_weights(self, state: dict, version: int) -> tuple[str, Tensor]:
+        """Load the learner's trained state; returns the hash of what is now loaded (read back from the
+        model) and the probe prediction, for the learner to verify."""
+        from rlr_dist.pipeline.learner import state_hash
+
+        self.model.load_trained_state(state)
+        self.version = version
+        return state_hash(self.model.trained_state()), probe_output(self.model, self.probe_prompt)
+
+    def get_version(self) -> int:
+        return self.version
+
+    def sample(self, work: step.Work, version: int) -> step.Chunk:
+        _maybe_crash(self.index, work.iteration)
+        if version != self.version:
+            self._pull(version)
+        return step.rollout(self.model, self.estimator, work.prompts, work.prompt_ids, work.seed, self.version,
+                            self.with_reference)
+
+    def _pull(self, version: int) -> None:
+        """Load the latest weights from the store (after a restart). If the store has moved past ``version``
+        (overlap mode), the chunk is drawn with the newer weights and says so in ``chunk.version``."""
+        import ray
+
+        if self.store is None:
+            raise StaleWeights(f"sampler {self.index} holds weights v{self.version}, asked for v{version}")
+        boxed, have = ray.get(self.store.get.remote())
+        if have < version or boxed[0] is None:
+            raise StaleWeights(f"sampler {self.index}: v{version} asked for, the weight store holds v{have}")
+        self.set_weights(ray.get(boxed[0]), have)
+
+    def sample_final(self, prompts: Sequence[str], seed: int) -> Tensor:
+        """Only ``x_0`` of fresh samples (for evaluation and pictures)."""
+        from rlr_dist.chain.trajectory import Plan, sample
+
+        g = torch.Generator(device=self.model.device).manual_seed(seed)
+        x_T = self.model.initial_noise(len(prompts), g)
+        with torch.no_grad():
+            cond = self.model.encode_prompts(list(prompts))
+        return sample(self.model.chain(), x_T, Plan(), cond, g).x0.cpu()
+
+
+class RewardWorker:
+    def __init__(self, cfg: dict, index: int = 0):
+        _threads()
+        self.cfg = build(TrainConfig, cfg)
+        self.device = _device(self.cfg.cluster.rewards.num_gpus)
+        decoder = load_decoder(self.cfg.model, self.device)
+        self.scorer = build_scorer(self.cfg.reward, decoder)
+        self.scorer.reward.to(self.device)
+        self.eval_scorer = None
+        if self.cfg.eval_reward is not None:
+            self.eval_scorer = build_scorer(self.cfg.eval_reward, decoder)
+            self.eval_scorer.reward.to(self.device)
+        self.decoder = decoder
+
+    def score(self, chunk: step.Chunk, need_grad: bool) -> step.Chunk:
+        import time
+
+        t0 = time.perf_counter()
+        R, dR, keep = self.scorer.score_keep(chunk.traj.x0.to(self.device), chunk.prompts, need_grad=need_grad)
+        dropped = int((~keep).sum())
+        if dropped:
+            keep = keep.cpu()
+            chunk.traj = chunk.traj.select(keep)
+            chunk.prompts = [p for p, k in zip(chunk.prompts, keep.tolist()) if k]
+            R, dR = R[keep.to(R.device)], None if dR is None else dR[keep.to(dR.device)]
+        chunk.reward, chunk.reward_grad = R.cpu(), None if dR is None else dR.cpu()
+        chunk.stats["reward/dropped"] = float(dropped)
+        chunk.stats["time/score"] = time.perf_counter() - t0
+        return chunk
+
+    def score_and_summarise(self, chunk: step.Chunk, need_grad: bool) -> tuple[step.Chunk, dict]:
+        """The scored chunk and a small summary of it (rewards, prompt ids, per-sample KL)."""
+        c = self.score(chunk, need_grad)
+        kl = None if c.traj.delta is None else c.traj.delta.double().sum(1) / 2
+        return c, {"reward": c.reward, "prompt_ids": c.traj.prompt_ids, "kl": kl, "stats": dict(c.stats)}
+
+    def evaluate(self, x0: Tensor, prompts: Sequence[str]) -> dict[str, float]:
+        """Training reward and held-out evaluator on fresh samples."""
+        x0 = x0.to(self.device)
+        out = {"eval/reward": float(self.scorer.score(x0, prompts)[0].mean())}
+        if self.eval_scorer is not None:
+            out["eval/heldout"] = float(self.eval_scorer.score(x0, prompts)[0].mean())
+        return out
+
+    def images(self, x0: Tensor) -> Tensor:
+        """Decoded images in [0, 1] (for grids and GIFs), on the CPU."""
+        with torch.no_grad():
+            return self.decoder(x0.to(self.device)).float().cpu()

@@ -1,0 +1,1 @@
+"""Training: the typed config and the sample / score / learn steps shared by every runner."""

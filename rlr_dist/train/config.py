@@ -1,0 +1,224 @@
+"""The training config: one YAML, one dataclass per component, dotted command-line overrides.
+
+``estimator`` and ``regulariser`` are registry entries written flat (``estimator: {name: rlr, h: 2}``,
+so ``--estimator.h=4`` works); they are validated by constructing them, and errors name the field.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rlr_dist.config import ConfigError, apply_overrides, build, check, load_yaml, to_dict
+from rlr_dist.models.config import ModelConfig
+from rlr_dist.rewards.config import RewardConfig
+
+
+def _construct(section: str, params: dict, registry_get, make) -> Any:
+    """Build ``make(**params)`` for a ``{name: ..., **kwargs}`` section with errors naming the field."""
+    params = dict(params)
+    name = params.pop("name", None)
+    check(isinstance(name, str), f"{section}.name", f"required; one of {registry_get.__self__.names()}")
+    try:
+        cls = registry_get(name)
+    except ValueError as e:
+        raise ConfigError(f"{section}.name: {e}") from None
+    sig = inspect.signature(cls.__init__)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    unknown = [k for k in params if k not in sig.parameters or k == "self"]
+    if unknown and not takes_any:
+        known = [p for p in sig.parameters if p != "self"]
+        raise ConfigError(f"{section}.{unknown[0]}: unknown parameter of {name!r}; it takes {known}")
+    try:
+        return make(name, **params)
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(f"{section}.") else f"{section}: {msg}") from None
+
+
+@dataclass
+class DataConfig:
+    """Prompts to train on: a list, or a text file with one prompt per line. Each iteration draws
+    ``prompts_per_iteration`` of them and samples ``samples_per_prompt`` trajectories of each."""
+
+    prompts: list[str] = field(default_factory=lambda: ["three"])
+    prompt_file: str | None = None
+    eval_prompts: list[str] | None = None
+
+    def load_prompts(self) -> list[str]:
+        if self.prompt_file is None:
+            return list(self.prompts)
+        p = Path(self.prompt_file)
+        check(p.is_file(), "data.prompt_file", f"{self.prompt_file!r} does not exist")
+        lines = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        check(bool(lines), "data.prompt_file", f"{self.prompt_file!r} holds no prompts")
+        return lines
+
+    def __post_init__(self) -> None:
+        check(self.prompt_file is not None or len(self.prompts) > 0, "data.prompts", "give at least one prompt")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", f"need two values in [0, 1), got {self.betas}")
+        check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", f"must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass
+class LoopConfig:
+    """iterations: optimiser steps; each uses prompts_per_iteration × samples_per_prompt trajectories.
+    overlap: sample iteration i+1 while the learners step on i (one-step-stale samples; see docs)."""
+
+    iterations: int = 20
+    prompts_per_iteration: int = 2
+    samples_per_prompt: int = 8
+    seed: int = 0
+    eval_every: int = 5
+    eval_samples: int = 32
+    overlap: bool = False
+    advantage_baseline: Literal["loo", "running", "none"] = "loo"
+    advantage_scale: Literal["none", "running_std", "batch_std"] = "batch_std"
+    on_nonfinite_retries: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "prompts_per_iteration", "samples_per_prompt", "eval_samples"):
+            check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        check(self.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = never), got {self.eval_every}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompts_per_iteration * self.samples_per_prompt
+
+
+@dataclass
+class RoleResources:
+    count: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_restarts: int = 2
+
+    def check(self, role: str) -> None:
+        check(self.count >= 1, f"cluster.{role}.count", f"must be >= 1, got {self.count}")
+        check(self.num_cpus >= 0, f"cluster.{role}.num_cpus", f"must be >= 0, got {self.num_cpus}")
+        check(self.num_gpus >= 0, f"cluster.{role}.num_gpus", f"must be >= 0, got {self.num_gpus}")
+
+
+@dataclass
+class ClusterConfig:
+    """Ray placement. ``address``: ``None`` starts a local cluster, ``auto`` joins the one this machine
+    belongs to (``ray job submit`` sets it), or ``ray://host:port``."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+    samplers: RoleResources = field(default_factory=lambda: RoleResources(count=2))
+    rewards: RoleResources = field(default_factory=RoleResources)
+    learners: RoleResources = field(default_factory=lambda: RoleResources(count=2))
+
+    def __post_init__(self) -> None:
+        for role in ("samplers", "rewards", "learners"):
+            getattr(self, role).check(role)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The parts of a DeepSpeed config users choose; ``extra`` is merged in verbatim."""
+
+    zero_stage: int = 0
+    bf16: bool = False
+    offload_optimizer: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0-3, got {self.zero_stage}")
+        check(not self.offload_optimizer or self.zero_stage >= 1, "deepspeed.offload_optimizer",
+              "needs zero_stage >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. ``uri`` defaults to ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<output_dir>/mlflow.db``."""
+
+    uri: str | None = None
+    experiment: str = "rlr-dist"
+    run_name: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    """``dir``: local path or ``s3://bucket/prefix`` (default ``<output_dir>/checkpoints``)."""
+
+    dir: str | None = None
+    every: int = 10
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        check(self.every >= 0, "checkpoint.every", f"must be >= 0 (0 = only at the end), got {self.every}")
+        check(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    estimator: dict[str, Any] = field(default_factory=lambda: {"name": "rlr", "h": 2})
+    regulariser: dict[str, Any] = field(default_factory=lambda: {"name": "kl_exact", "beta": 0.01})
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(name="digit_logprob", params={"target": 3}))
+    eval_reward: RewardConfig | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output_dir: str = "runs/default"
+    export: str | None = None
+
+    def __post_init__(self) -> None:
+        check(not (self.deepspeed.zero_stage == 3 and self.model.finetune == "lora"), "deepspeed.zero_stage",
+              "ZeRO-3 with LoRA is not supported yet (DeepSpeed leaves peft's adapter tensors unpartitioned); "
+              "use zero_stage <= 2 with LoRA (its state is small), or finetune: full")
+        est = self.make_estimator()
+        self.make_regulariser()
+        if est.needs_reward_grad:
+            from rlr_dist.rewards import REWARDS, Reward, build_reward
+
+            cls = REWARDS.get(self.reward.name)
+            own = cls.__mro__[:cls.__mro__.index(Reward)]
+            # a class that declares it decides; a composite (weighted_sum, video_frames) decides per instance
+            differentiable = (cls.differentiable if any("differentiable" in vars(k) for k in own)
+                              else build_reward(self.reward).differentiable)
+            check(differentiable, "reward.name",
+                  f"{self.reward.name!r} is not differentiable, but estimator {self.estimator['name']!r} needs "
+                  "∂R/∂x_0 (use a black-box estimator, e.g. lr, or rlr with fo: false)")
+
+    def make_estimator(self):
+        from rlr_dist.estimators import ESTIMATORS, make_estimator
+
+        return _construct("estimator", self.estimator, ESTIMATORS.get, make_estimator)
+
+    def make_regulariser(self):
+        from rlr_dist.regularisers import REGULARISERS, make_regulariser
+
+        return _construct("regulariser", self.regulariser, REGULARISERS.get, make_regulariser)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The resolved :class:`TrainConfig` of a YAML file plus ``--dotted.key=value`` overrides."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    return build(TrainConfig, data)
+
+
+def dump(cfg: TrainConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

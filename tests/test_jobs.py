@@ -1,0 +1,68 @@
+"""`ray job submit` against a real head: start it, submit the digits job with the Job Submission API, wait for
+SUCCEEDED, check its MLflow run, stop the head."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    dash = _free_port()
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix socket paths must fit in 107 bytes
+    subprocess.run([RAY, "start", "--head", f"--port={_free_port()}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp}"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_digits_job_succeeds_and_is_tracked(ray_head, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    client = JobSubmissionClient(ray_head)
+    out = tmp_path / "job"
+    entry = (f"{sys.executable} -m rlr_dist.cli train {ROOT / 'jobs/configs/digits.yaml'} --train.iterations=2 "
+             f"--train.eval_every=2 --train.eval_samples=8 --train.samples_per_prompt=4 --model.num_inference_steps=6 "
+             f"--checkpoint.every=2 --output_dir={out} --export=null")
+    job = client.submit_job(entrypoint=entry, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
+    deadline = time.time() + 600
+    status = client.get_job_status(job)
+    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
+        time.sleep(3)
+        status = client.get_job_status(job)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "[iter 2/2]" in logs and "[rlr-dist] done" in logs
+    import json
+
+    run = json.loads((out / "run.json").read_text())
+    mlflow = MlflowClient(run["tracking_uri"])
+    assert mlflow.get_run(run["run_id"]).info.status == "FINISHED"
+    assert [m.step for m in mlflow.get_metric_history(run["run_id"], "reward.mean")] == [1, 2]
+    assert [m.step for m in mlflow.get_metric_history(run["run_id"], "eval.heldout")] == [0, 2]
