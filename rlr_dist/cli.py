@@ -18,6 +18,21 @@ def _bench_estimators(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_pipeline(args: argparse.Namespace) -> int:
+    from rlr_dist.bench.pipeline import main
+
+    print(main(args.config, args.overrides, args.iterations, args.warmup, tuple(args.layouts),
+               None if args.out == "-" else args.out))
+    return 0
+
+
+def _bench_study(args: argparse.Namespace) -> int:
+    from rlr_dist.bench.study import main
+
+    print(main(args.study, None if args.out == "-" else args.out, args.workers))
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from rlr_dist.toy_world.pretrain import main
 
@@ -188,6 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 2 shared cores)")
     be.add_argument("--out", default="docs/results/estimators.md", help="report path, '-' for none")
     be.set_defaults(func=_bench_estimators)
+    bp = bsub.add_parser("pipeline", help="Ray pipeline vs single-process loop on identical work (overhead, phases)")
+    bp.add_argument("--config", default="jobs/configs/digits.yaml", help="training config (default: the demo's)")
+    bp.add_argument("--iterations", type=int, default=8, help="iterations per run (default 8)")
+    bp.add_argument("--warmup", type=int, default=2, help="iterations left out of the steady state (default 2)")
+    bp.add_argument("--layouts", nargs="+", default=["serial", "parallel"], choices=["serial", "parallel"],
+                    help="serial: 1 actor per role vs a 1-thread loop; parallel: the config's pools vs a loop "
+                         "with as many threads (default both)")
+    bp.add_argument("--out", default="docs/results/pipeline.md", help="report path, '-' for none")
+    bp.set_defaults(func=_bench_pipeline, takes_overrides=True)
+    bs = bsub.add_parser("study", help="estimators compared on the same work at an equal reward-query budget")
+    bs.add_argument("study", nargs="?", default="jobs/configs/study-digits.yaml", help="study file")
+    bs.add_argument("--workers", type=int, default=None, help="worker processes (default: the study file's)")
+    bs.add_argument("--out", default="docs/results/study-digits.md", help="report path (.md; .csv/.json/.png "
+                    "beside it), '-' for none")
+    bs.set_defaults(func=_bench_study)
     _add_pretrain(sub)
     _add_run_commands(sub)
     return p

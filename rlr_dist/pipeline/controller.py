@@ -173,6 +173,12 @@ def learner_loop(config: dict) -> None:
 
     _threads()
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report otherwise
+    try:  # Train V2 logs every report (all metrics) under a logger named by its file path
+        from ray.train.v2._internal.execution import context as _train_ctx
+
+        logging.getLogger(_train_ctx.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
     cfg = build(TrainConfig, config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -251,6 +257,8 @@ def learner_loop(config: dict) -> None:
                        "samples_per_s": len(all_R) / (time.perf_counter() - t_it), "weights_version": it + 1,
                        "actor_restarts": restarts,
                        "reward/dropped": sum(s["stats"].get("reward/dropped", 0.0) for s in every)}
+            for phase, n in (("sample", len(ctl.samplers)), ("score", len(ctl.rewards))):  # busy s per actor
+                metrics[f"time/{phase}"] = sum(s["stats"].get(f"time/{phase}", 0.0) for s in every) / n
             kl = [s["kl"] for s in every if s["kl"] is not None]
             if kl:
                 metrics["kl/sampled"] = float(torch.cat(kl).double().mean())

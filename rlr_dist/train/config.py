@@ -29,7 +29,9 @@ def _construct(section: str, params: dict, registry_get, make) -> Any:
     unknown = [k for k in params if k not in sig.parameters or k == "self"]
     if unknown and not takes_any:
         known = [p for p in sig.parameters if p != "self"]
-        raise ConfigError(f"{section}.{unknown[0]}: unknown parameter of {name!r}; it takes {known}")
+        raise ConfigError(f"{section}.{unknown[0]}: unknown parameter of {name!r}; it takes {known} "
+                          f"(to switch {section} on the command line, replace the whole section: "
+                          f"--{section}='{{name: {name}}}')")
     try:
         return make(name, **params)
     except (ValueError, TypeError) as e:

@@ -17,22 +17,30 @@ from rlr_dist.train import step
 from rlr_dist.train.config import TrainConfig
 
 
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+
+
 def train_local(cfg: TrainConfig, iterations: int | None = None,
-                on_iteration: Callable[[int, dict], None] | None = None) -> tuple[DiffusionModel, list[dict]]:
-    """Run ``iterations`` (default ``cfg.train.iterations``) in this process; returns the model and per-
-    iteration stats (with per-phase timings)."""
+                on_iteration: Callable[[int, dict], None] | None = None,
+                model: DiffusionModel | None = None, optimizer: torch.optim.Optimizer | None = None,
+                start: int = 0) -> tuple[DiffusionModel, list[dict]]:
+    """Run iterations ``start, …, iterations - 1`` (default end ``cfg.train.iterations``) in this process;
+    returns the model and per-iteration stats (with per-phase timings). ``model``: train this one instead of
+    loading ``cfg.model``; ``optimizer``: step this one (from :func:`make_optimizer` over the model's
+    trainable parameters, e.g. restored from a checkpoint together with the model, with ``start`` > 0)."""
     torch.manual_seed(cfg.train.seed)
-    model = load_model(cfg.model)
+    model = load_model(cfg.model) if model is None else model
     estimator, regulariser = cfg.make_estimator(), cfg.make_regulariser()
     advantages = Advantages(cfg.train.advantage_baseline, cfg.train.advantage_scale)
     scorer = build_scorer(cfg.reward, model.decoder())
     params = model.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    opt = make_optimizer(cfg, params) if optimizer is None else optimizer
     prompts = cfg.data.load_prompts()
     t = cfg.train
     chunks_per_it = max(cfg.cluster.samplers.count, cfg.cluster.learners.count)
     history = []
-    for it in range(iterations if iterations is not None else t.iterations):
+    for it in range(start, iterations if iterations is not None else t.iterations):
         t0 = time.perf_counter()
         works = step.iteration_work(prompts, it, t.seed, t.prompts_per_iteration, t.samples_per_prompt, chunks_per_it)
         chunks = [step.rollout(model, estimator, w.prompts, w.prompt_ids, w.seed, it, True) for w in works]
@@ -55,3 +63,20 @@ def train_local(cfg: TrainConfig, iterations: int | None = None,
         if on_iteration is not None:
             on_iteration(it + 1, stats)
     return model, history
+
+
+def evaluate(model: DiffusionModel, n: int, target: int) -> dict:
+    """Held-out evaluator numbers on ``n`` fresh samples from fixed seeds (toy-world digits models):
+    ``heldout`` (fraction read as ``target``), ``heldout_logp``, ``class_entropy`` (bits, of the predicted
+    classes) and ``pairwise_l2`` (mean pairwise L2 distance of the images) — the last two measure diversity."""
+    from rlr_dist.chain.trajectory import Plan, sample
+    from rlr_dist.rewards.digits import evaluate_digits
+
+    g = torch.Generator().manual_seed(123_457)
+    with torch.no_grad():
+        x0 = sample(model.chain(), model.initial_noise(n, g), Plan(), model.encode_prompts([""] * n), g).x0
+        images = model.decode(x0).float()
+    ev = evaluate_digits(images, target)
+    flat = images.flatten(1)
+    return {"heldout": ev["frac_target"], "heldout_logp": ev["mean_logp_target"], "class_entropy": ev["entropy_bits"],
+            "pairwise_l2": float(torch.pdist(flat).mean())}
