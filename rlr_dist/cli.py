@@ -89,6 +89,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from rlr_dist.tune.runner import tune
+
+    out = tune(args.config, args.sweep, args.overrides, resume=args.resume)
+    stopped = sum(r["status"] == "stopped early" for r in out["table"])
+    print(f"[rlr-dist] sweep done in {out['seconds']:.0f} s: {len(out['table'])} trials ({stopped} stopped early); "
+          f"MLflow parent run {out['run_id']} ({out['tracking_uri']})")
+    print(f"[rlr-dist] results: {out['results'][1]}, Pareto plot: {out['plot']}; best {out['best']} -> "
+          f"{out['best_config']} (rlr-dist train {out['best_config']})")
+    return 0
+
+
 def _config_show(args: argparse.Namespace) -> int:
     from rlr_dist.train.config import dump
 
@@ -159,6 +171,12 @@ def _add_run_commands(sub) -> None:
     tr.add_argument("config", help="YAML config (see jobs/configs/)")
     tr.add_argument("--resume", action="store_true", help="continue the run in the config's output_dir")
     tr.set_defaults(func=_train, takes_overrides=True)
+    tu = sub.add_parser("tune", help="hyper-parameter sweep with Ray Tune (ASHA / PBT, MLflow, Pareto plot)",
+                        description="Sweep dotted keys of CONFIG (plus overrides) as SWEEP.yaml says; docs/tune.md.")
+    tu.add_argument("config", help="base training config (see jobs/configs/)")
+    tu.add_argument("--sweep", required=True, help="sweep file (e.g. jobs/configs/sweep-digits.yaml)")
+    tu.add_argument("--resume", action="store_true", help="continue the sweep in its output_dir")
+    tu.set_defaults(func=_tune, takes_overrides=True)
     cfg = sub.add_parser("config", help="configuration tools")
     csub = cfg.add_subparsers(dest="what", required=True)
     show = csub.add_parser("show", help="print the resolved config (defaults + file + overrides)")
@@ -185,6 +203,41 @@ def _add_run_commands(sub) -> None:
     ui.add_argument("--uri", default=None, help="tracking URI (overrides --output-dir)")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=_ui)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from rlr_dist.plan import PlanError, report
+
+    try:
+        text, fits = report(args.config, args.gpu, args.overrides, args.arch)
+    except PlanError as e:
+        print(f"rlr-dist plan: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0 if fits else 1
+
+
+def _bench_plan(args: argparse.Namespace) -> int:
+    from rlr_dist.bench.plan import main
+
+    print(main(None if args.out == "-" else args.out))
+    return 0
+
+
+def _add_plan(sub, bsub) -> None:
+    from rlr_dist.plan import GPUS, PRESETS
+
+    pl = sub.add_parser("plan", help="per-GPU memory and rough time per iteration of each role; what to change",
+                        description="Estimate sampler / reward / learner memory and time per iteration for CONFIG "
+                                    "(plus dotted overrides) on a GPU; exit 1 when a role does not fit.")
+    pl.add_argument("config", help="YAML config (see jobs/configs/)")
+    pl.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS), help="GPU class (default h100-80gb)")
+    pl.add_argument("--arch", default=None, choices=sorted(PRESETS),
+                    help="architecture preset when model.path is not a local folder (s3://, hub id)")
+    pl.set_defaults(func=_plan, takes_overrides=True)
+    bpl = bsub.add_parser("plan", help="calibrate the planner and compare it with measured memory on tiny models")
+    bpl.add_argument("--out", default="docs/results/plan.md", help="report path, '-' for none")
+    bpl.set_defaults(func=_bench_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.set_defaults(func=_bench_study)
     _add_pretrain(sub)
     _add_run_commands(sub)
+    _add_plan(sub, bsub)
     return p
 
 

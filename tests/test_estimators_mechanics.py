@@ -109,6 +109,18 @@ def test_likelihood_ratio_on_deterministic_step_is_refused(factory, needle):
         factory().check(MLPChain(T=6, deterministic_last=True).schedule)
 
 
+def test_lr_can_skip_deterministic_steps_and_says_so():
+    chain = MLPChain(T=6, deterministic_last=True)
+    est = make_estimator("lr", deterministic="skip")
+    est.check(chain.schedule)  # no error: step 1 is left out
+    assert est.plan(chain.schedule).steps == (2, 3, 4, 5, 6)
+    sampled = make_estimator("lr", K=2, deterministic="skip").plan(chain.schedule, torch.Generator().manual_seed(0))
+    assert len(sampled.steps) == 2 and 1 not in sampled.steps and sampled.step_weight == 5 / 2
+    _, b = make_batch(est, chain)
+    names = [name for name, _ in est.terms(b)]
+    assert est.describe()["deterministic"] == "skip" and names == [f"lr:{k}" for k in range(2, 7)]
+
+
 def test_bad_estimator_input_names_the_field():
     with pytest.raises(ValueError, match="unknown estimator 'rlrr'.*full_bp"):
         make_estimator("rlrr")

@@ -25,22 +25,30 @@ class LikelihoodRatio(Estimator):
     per-step importance ratio ``p_θ/p_old`` is clipped as in PPO (the first epoch equals the score
     function; later epochs are biased by design)."""
 
-    def __init__(self, K: int | None = None, clip_range: float | None = None, max_log_ratio: float = 20.0) -> None:
+    def __init__(self, K: int | None = None, clip_range: float | None = None, max_log_ratio: float = 20.0,
+                 deterministic: str = "error") -> None:
         if K is not None and K < 1:
             raise ValueError(f"estimator.K must be >= 1 or null, got {K}")
         if clip_range is not None and clip_range <= 0:
             raise ValueError(f"estimator.clip_range must be > 0 or null, got {clip_range}")
+        if deterministic not in ("error", "skip"):
+            raise ValueError(f"estimator.deterministic must be 'error' or 'skip', got {deterministic!r}")
         self.K, self.clip_range, self.max_log_ratio = K, clip_range, max_log_ratio
+        self.deterministic = deterministic  # skip: no gradient for σ = 0 steps (biased: their g_k is dropped)
+
+    def _steps(self, schedule: GaussianSchedule) -> list[int]:
+        return [k for k in range(1, schedule.T + 1) if self.deterministic == "error" or schedule.stochastic(k)]
 
     def check(self, schedule: GaussianSchedule) -> None:
-        require_stochastic(schedule, range(1, schedule.T + 1), "lr")
+        require_stochastic(schedule, self._steps(schedule), "lr")
 
     def plan(self, schedule: GaussianSchedule, generator: torch.Generator | None = None) -> Plan:
-        T = schedule.T
-        if self.K is None or self.K >= T:
-            steps, weight = tuple(range(1, T + 1)), 1.0
+        every = self._steps(schedule)
+        n = len(every)
+        if self.K is None or self.K >= n:
+            steps, weight = tuple(every), 1.0
         else:
-            steps, weight = tuple(sorted(int(i) + 1 for i in torch.randperm(T, generator=generator)[: self.K])), T / self.K
+            steps, weight = tuple(sorted(every[int(i)] for i in torch.randperm(n, generator=generator)[: self.K])), n / self.K
         states = set(steps) | ({k - 1 for k in steps} if self.clip_range is not None else set())
         return Plan(states=frozenset(states - {0}), noises=frozenset(steps), steps=steps, step_weight=weight)
 
@@ -67,7 +75,7 @@ class LikelihoodRatio(Estimator):
         return weight * b.scale * loss
 
     def describe(self) -> dict:
-        return {"name": "lr", "K": self.K, "clip_range": self.clip_range}
+        return {"name": "lr", "K": self.K, "clip_range": self.clip_range, "deterministic": self.deterministic}
 
 
 @ESTIMATORS.register("truncated_bp")

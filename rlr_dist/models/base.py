@@ -87,17 +87,12 @@ class DiffusionModel(ABC):
     default_lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
 
     def __init__(self, folder: Path, cfg: ModelConfig, meta: dict | None = None):
-        from diffusers import DDIMScheduler
-
         self.folder = Path(folder)
         self.cfg = cfg
         self.meta = meta or {}
         self.unet = self._load_unet()
         self.unet.eval()  # no dropout: UNet3D has hard-coded temporal dropout; sampling must be exact
-        try:
-            self.scheduler_config = dict(DDIMScheduler.load_config(self.folder, subfolder="scheduler"))
-        except (OSError, ValueError) as e:
-            raise ModelError(f"{self.folder / 'scheduler'}: cannot read the scheduler config: {e}") from None
+        self.scheduler_config = read_scheduler_config(self.folder)
         self.load_components()
         self.lora_params: list[nn.Parameter] = []
         if cfg.finetune == "lora":
@@ -153,15 +148,7 @@ class DiffusionModel(ABC):
 
     # ------------------------------------------------------------------ chain
     def schedule(self) -> GaussianSchedule:
-        from diffusers import DDIMScheduler, DDPMScheduler
-
-        cfg = self.cfg
-        if cfg.sampler == "ddim":
-            sched = DDIMScheduler.from_config(self.scheduler_config)
-            return GaussianSchedule.from_diffusers(sched, cfg.num_inference_steps, eta=cfg.eta,
-                                                   last_step_eta=cfg.last_step_eta)
-        sched = DDPMScheduler.from_config(self.scheduler_config)
-        return GaussianSchedule.from_diffusers(sched, cfg.num_inference_steps)
+        return build_schedule(self.scheduler_config, self.cfg)
 
     def chain(self, guidance_scale: float | None = None) -> DenoiserChain:
         w = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
@@ -259,6 +246,27 @@ class DiffusionModel(ABC):
 
 # ---------------------------------------------------------------------------------------------- load
 TOY_PREFIX = "toy:"
+
+
+def read_scheduler_config(folder: Path) -> dict:
+    from diffusers import DDIMScheduler
+
+    try:
+        return dict(DDIMScheduler.load_config(folder, subfolder="scheduler"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{Path(folder) / 'scheduler'}: cannot read the scheduler config: {e}") from None
+
+
+def build_schedule(scheduler_config: dict, cfg: ModelConfig) -> GaussianSchedule:
+    """The sampler's Gaussian chain schedule (``model.sampler``, steps, η) from a scheduler config alone."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    if cfg.sampler == "ddim":
+        sched = DDIMScheduler.from_config(scheduler_config)
+        return GaussianSchedule.from_diffusers(sched, cfg.num_inference_steps, eta=cfg.eta,
+                                               last_step_eta=cfg.last_step_eta)
+    sched = DDPMScheduler.from_config(scheduler_config)
+    return GaussianSchedule.from_diffusers(sched, cfg.num_inference_steps)
 
 
 def resolve_model_folder(path: str) -> Path:

@@ -38,6 +38,10 @@ class ModelConfig:
     last_step_eta: DDIM η of the last step (0 = deterministic decoder step, the usual setting).
     mixed_precision: ``bf16`` autocasts the UNet forward; likelihood ratios and KL stay in fp32.
     num_frames: frames of video layouts that do not fix them (``t2v``).
+    resolution: image size in pixels of latent layouts (``sd``, ``t2v``): one int or ``[height, width]``, each a
+      multiple of the VAE's downsampling factor; default the UNet's ``sample_size`` (zeroscope: ``[320, 576]``).
+    vae_slicing: decode one image (video: one frame) at a time; lowers no-grad decode memory only (with
+      ``∂R/∂x_0`` every slice stays in the graph until backward).
     """
 
     path: str = "toy:digits"
@@ -53,6 +57,7 @@ class ModelConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     num_frames: int | None = None
     vae_slicing: bool = False
+    resolution: int | list[int] | None = None
 
     def __post_init__(self) -> None:
         check(bool(self.path), "model.path", "must not be empty")
@@ -60,5 +65,8 @@ class ModelConfig:
         check(self.eta >= 0, "model.eta", f"must be >= 0, got {self.eta}")
         check(self.guidance_scale > 0, "model.guidance_scale", f"must be > 0, got {self.guidance_scale}")
         check(self.num_frames is None or self.num_frames >= 1, "model.num_frames", f"must be >= 1, got {self.num_frames}")
+        res = [self.resolution] if isinstance(self.resolution, int) else self.resolution
+        check(res is None or (len(res) in (1, 2) and all(isinstance(v, int) and v >= 8 for v in res)), "model.resolution",
+              f"must be an int >= 8 or [height, width], got {self.resolution}")
         if self.sampler == "ddpm":
             check(self.eta == 1.0, "model.eta", "only DDIM takes eta; leave it at 1.0 with sampler: ddpm")

@@ -70,6 +70,9 @@ class PixelModel(DiffusionModel):
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 
     def load_components(self) -> None:
+        if self.cfg.resolution is not None:
+            raise ModelError(f"model.resolution: pixel layouts sample at the UNet's sample_size; {self.folder} "
+                             f"is {self.unet.config.sample_size}")
         num = self.unet.config.num_class_embeds
         self.conditional = num is not None
         names = self.meta.get("class_names") or [str(i) for i in range((num or 1) - 1)]
@@ -165,13 +168,21 @@ class StableDiffusionModel(DiffusionModel):
         for m in (self.vae, self.text_encoder):
             m.requires_grad_(False).eval()
         self._null: Tensor | None = None
+        self.latent_hw()  # a bad model.resolution fails at load
 
     def latent_hw(self) -> tuple[int, int]:
-        """The UNet's sample size, or the VAE's image size over its downsampling factor."""
+        """``model.resolution`` over the VAE's downsampling factor, else the UNet's sample size, else the
+        VAE's image size over that factor."""
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        res = self.cfg.resolution
+        if res is not None:
+            h, w = _hw(res if isinstance(res, int) or len(res) == 2 else res[0])
+            if h % f or w % f:
+                raise ModelError(f"model.resolution: {res} is not a multiple of the VAE factor {f} of {self.folder}")
+            return h // f, w // f
         if self.unet.config.get("sample_size") is not None:
             return _hw(self.unet.config.sample_size)
         h, w = _hw(self.vae.config.sample_size)
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
         return h // f, w // f
 
     def latent_shape(self) -> tuple[int, ...]:

@@ -17,14 +17,17 @@ RUN_FILE = "run.json"
 
 def preflight(cfg: TrainConfig) -> None:
     """Checks that need files, done before any Ray resource is taken (errors name the field)."""
-    from rlr_dist.models import ModelError, detect_layout, resolve_model_folder
+    from rlr_dist.models import ModelError, build_schedule, detect_layout, read_scheduler_config, resolve_model_folder
 
     cfg.data.load_prompts()
     try:
-        detect_layout(resolve_model_folder(cfg.model.path))
+        folder = resolve_model_folder(cfg.model.path)
+        detect_layout(folder)
+        schedule = build_schedule(read_scheduler_config(folder), cfg.model)
     except ModelError as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith("model.") else f"model.path: {msg}") from None
+    cfg.check_schedule(schedule)
     if cfg.train.eval_every and cfg.eval_reward is None:
         print("[rlr-dist] note: no eval_reward configured; evaluation reports the training reward only", flush=True)
 

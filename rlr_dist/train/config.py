@@ -202,6 +202,15 @@ class TrainConfig:
                   f"{self.reward.name!r} is not differentiable, but estimator {self.estimator['name']!r} needs "
                   "∂R/∂x_0 (use a black-box estimator, e.g. lr, or rlr with fo: false)")
 
+    def check_schedule(self, schedule) -> None:
+        """The estimator's demands on the sampler's chain (e.g. σ_k > 0 for likelihood-ratio steps),
+        as a config error naming the estimator."""
+        try:
+            self.make_estimator().check(schedule)
+        except ValueError as e:
+            raise ConfigError(f"estimator: {e} (model: {self.model.sampler}, eta {self.model.eta}, "
+                              f"last_step_eta {self.model.last_step_eta}, {self.model.num_inference_steps} steps)") from None
+
     def make_estimator(self):
         from rlr_dist.estimators import ESTIMATORS, make_estimator
 

@@ -31,6 +31,7 @@ def train_local(cfg: TrainConfig, iterations: int | None = None,
     trainable parameters, e.g. restored from a checkpoint together with the model, with ``start`` > 0)."""
     torch.manual_seed(cfg.train.seed)
     model = load_model(cfg.model) if model is None else model
+    cfg.check_schedule(model.schedule())
     estimator, regulariser = cfg.make_estimator(), cfg.make_regulariser()
     advantages = Advantages(cfg.train.advantage_baseline, cfg.train.advantage_scale)
     scorer = build_scorer(cfg.reward, model.decoder())

@@ -1,0 +1,552 @@
+"""`rlr-dist plan`: per-GPU memory and a rough time per iteration for the sampler, reward and learner roles.
+
+The architecture comes from the model folder (``unet/``, ``vae/``, ``text_encoder/`` configs) or a named preset
+(``--arch sd15``); the UNet, VAE and reward CLIP are instantiated on PyTorch's ``meta`` device (no memory,
+no weights) and run once at the planned resolution / frames. That pass gives exact parameter counts, LoRA sizes,
+FLOPs (``torch.utils.flop_counter``) and the input shape of every *unit* (ResNet block, spatial / temporal
+transformer, temporal conv, down/up sampler, VAE attention, CLIP layer, output head).
+
+Activation bytes of one model call = Σ_units ``COEF[precision][mode][kind] × elements(unit)``, where the
+coefficients are bytes that autograd saves per input element of a unit, measured once on tiny instances with
+:class:`~rlr_dist.bench.memory.SavedTensorMeter` (``rlr-dist bench plan`` re-measures them and checks whole
+models against this sum; ``docs/results/plan.md``). Memory per role:
+
+* learner: UNet weights (bf16 when ``deepspeed.bf16``) + frozen VAE / text encoder (fp32) + the frozen
+  reference copy (full fine-tuning) + trainable parameters' gradients (fp32; ÷ world at ZeRO ≥ 2) and AdamW
+  state (m, v and, with bf16, an fp32 master copy; ÷ world at ZeRO ≥ 1; 0 with CPU offload; ZeRO-3 also
+  partitions the weights) + activations of the longest back-propagated segment (``rlr``: 2h − 1 model calls;
+  ``lr``: 1; ``truncated_bp``: K; ``full_bp``: T, or one call + T latents when checkpointed; with
+  ``model.gradient_checkpointing`` one call + the inputs of the others) at the chunk size, × 2 with CFG.
+* sampler: fp32 UNet (+ reference copy), text encoder, VAE; a no-grad working set (3 × the largest unit input).
+* reward: VAE and CLIP weights; with ∂R/∂x₀ the saved activations of decoding every frame and of CLIP on the
+  scored frames (VAE slicing does not lower these); without, a no-grad working set.
+
+The chunk (samples per sampler call, reward call and learner backward) is ``batch / max(samplers, learners)``.
+Time: FLOPs / (peak × ``EFFICIENCY``) per role, roles in sequence — a rough estimate, not a benchmark.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+GB = 1e9
+EFFICIENCY = 0.35        # achieved / peak dense tensor FLOPs assumed for every role
+RESERVE_GB = 2.0         # CUDA context, cuBLAS workspaces, allocator fragmentation
+INFER_FACTOR = 3         # no-grad working set: this many copies of the largest unit input
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gb: float
+    bf16_tflops: float   # dense; fp32 work is taken at half (TF32)
+
+
+GPUS = {g.name: g for g in (
+    GPU("a10g-24gb", 24, 70), GPU("l4-24gb", 24, 121), GPU("a100-40gb", 40, 312), GPU("a100-80gb", 80, 312),
+    GPU("h100-80gb", 80, 989), GPU("h200-141gb", 141, 989))}
+
+# Bytes autograd saves per input element of each unit kind: COEF[precision][mode][kind]. Modes: ``full`` (all
+# weights trained), ``lora`` (frozen weights + LoRA on the attention projections), ``frozen`` (no trained weight;
+# the VAE and CLIP under ∂R/∂x₀). Measured on CPU by rlr_dist.bench.plan.measure_coefficients() (diffusers
+# 0.42.1, torch 2.13, SDPA attention); tests/test_plan.py checks that a fresh measurement still gives them.
+_KINDS = ("ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D", "TemporalConvLayer",
+          "TransformerTemporalModel", "Attention", "CLIPEncoderLayer", "head")
+_MEASURED = {
+    "fp32": {"full": (24.19, 128.78, 4.0, 16.0, 48.03, 133.76, 32.16, 81.0, 12.03),
+             "lora": (24.06, 112.03, 4.0, 16.0, 48.03, 109.76, 34.16, 57.0, 12.03),
+             "frozen": (24.06, 99.78, 4.0, 16.0, 48.03, 97.76, 20.16, 57.0, 12.03)},
+    "bf16": {"full": (18.38, 70.28, 3.12, 9.12, 29.53, 72.51, 18.66, 56.68, 10.17),
+             "lora": (18.31, 70.12, 3.12, 9.12, 29.53, 72.76, 21.78, 40.68, 10.17),
+             "frozen": (18.31, 55.28, 3.12, 9.12, 29.53, 54.51, 12.66, 40.68, 10.17)},
+}
+COEF = {p: {m: dict(zip(_KINDS, v)) for m, v in modes.items()} for p, modes in _MEASURED.items()}
+UNIT_KINDS = _KINDS[:-1]
+
+# ------------------------------------------------------------------------------------------- architectures
+_SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
+               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+               layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+_CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    max_position_embeddings=77, vocab_size=49408)
+_OPENCLIP_H_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                        max_position_embeddings=77, vocab_size=49408, projection_dim=1024)
+_SD_UNET = dict(in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+                down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, norm_num_groups=32)
+_T2V_UNET = dict(in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+                 down_block_types=["CrossAttnDownBlock3D"] * 3 + ["DownBlock3D"],
+                 up_block_types=["UpBlock3D"] + ["CrossAttnUpBlock3D"] * 3, norm_num_groups=32,
+                 cross_attention_dim=1024, attention_head_dim=64, sample_size=32)
+# The published configs of these models (only the keys that differ from diffusers' defaults).
+PRESETS = {
+    "sd15": dict(unet_class="UNet2DConditionModel", text=_CLIP_L_TEXT, vae=_SD_VAE, frames=1,
+                 unet={**_SD_UNET, "cross_attention_dim": 768, "attention_head_dim": 8, "sample_size": 64}),
+    "sd21": dict(unet_class="UNet2DConditionModel", text=_OPENCLIP_H_TEXT, vae=_SD_VAE, frames=1,
+                 unet={**_SD_UNET, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
+                       "use_linear_projection": True, "sample_size": 96}),
+    "modelscope": dict(unet_class="UNet3DConditionModel", text=_OPENCLIP_H_TEXT, vae=_SD_VAE, frames=16,
+                       unet=_T2V_UNET),
+    "zeroscope": dict(unet_class="UNet3DConditionModel", text=_OPENCLIP_H_TEXT, vae=_SD_VAE, frames=24,
+                      unet=_T2V_UNET, resolution=[320, 576]),
+}
+CLIP_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=224, patch_size=14, projection_dim=768)
+TEXT_TOKENS = 77
+
+
+class PlanError(ValueError):
+    """The plan cannot be made (unknown GPU / preset, unreadable architecture); the message says what to pass."""
+
+
+@dataclass
+class Arch:
+    """What the planner needs of a model: component configs, the latent shape of one sample, the text length."""
+
+    unet_class: str
+    unet: dict
+    vae: dict | None = None
+    text: dict | None = None
+    frames: int = 1                     # video frames of UNet3D latents (1 otherwise)
+    latent_hw: tuple[int, int] = (64, 64)
+    tokens: int = TEXT_TOKENS
+    class_conditional: bool = False
+
+
+def _hw(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[-1]))
+
+
+def _vae_factor(vae: dict | None) -> int:
+    return 2 ** (len(vae["block_out_channels"]) - 1) if vae else 1
+
+
+def arch_of(model_cfg, preset: str | None = None) -> Arch:
+    """The architecture of ``model_cfg.path`` (a local / toy folder), or of ``preset``; resolution and frames
+    from the model config when it sets them."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise PlanError(f"--arch: unknown preset {preset!r}; one of {sorted(PRESETS)}")
+        p = copy.deepcopy(PRESETS[preset])
+        res = model_cfg.resolution or p.pop("resolution", None)
+        a = Arch(p["unet_class"], p["unet"], p["vae"], p["text"], p["frames"])
+    else:
+        from rlr_dist.models import ModelError, resolve_model_folder
+
+        try:
+            folder = resolve_model_folder(model_cfg.path) if not str(model_cfg.path).startswith("s3://") else None
+        except ModelError:
+            folder = None
+        if folder is None:
+            raise PlanError(f"model.path {model_cfg.path!r} is not a local folder: pass --arch "
+                            f"{{{','.join(sorted(PRESETS))}}} (or --model.path=LOCAL_COPY)")
+        read = lambda sub: json.loads((folder / sub / "config.json").read_text()) if (folder / sub / "config.json").is_file() else None  # noqa: E731
+        unet = read("unet")
+        meta = json.loads((folder / "rlr_model.json").read_text()) if (folder / "rlr_model.json").is_file() else {}
+        a = Arch(unet["_class_name"], unet, read("vae"), read("text_encoder"), int(meta.get("frames", 16)))
+        res = model_cfg.resolution
+        a.class_conditional = unet.get("num_class_embeds") is not None
+        if a.text is not None:
+            a.tokens = int(a.text.get("max_position_embeddings", TEXT_TOKENS))
+    if a.unet_class != "UNet3DConditionModel":
+        a.frames = 1
+    elif model_cfg.num_frames:
+        a.frames = int(model_cfg.num_frames)
+    f = _vae_factor(a.vae)
+    if res is not None:
+        h, w = _hw(res)
+        a.latent_hw = (h // f, w // f)
+    elif a.unet.get("sample_size") is not None:
+        a.latent_hw = _hw(a.unet["sample_size"])
+    else:
+        a.latent_hw = tuple(s // f for s in _hw(a.vae["sample_size"]))
+    return a
+
+
+# ------------------------------------------------------------------------------------- the meta-device pass
+@dataclass
+class Profile:
+    """One call of a network for a batch of 1 (frames folded in): parameters, FLOPs, unit input elements."""
+
+    params: int
+    flops: float
+    units: list[tuple[str, int]] = field(default_factory=list)   # (kind, input elements)
+
+    def saved_bytes(self, precision: str, mode: str) -> float:
+        return sum(COEF[precision][mode][k] * n for k, n in self.units)
+
+    def largest_input(self) -> int:
+        return max((n for _, n in self.units), default=0)
+
+
+def _build(cls_name: str, config: dict) -> nn.Module:
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return cls.from_config(cfg)
+
+
+def profile(module: nn.Module, call) -> Profile:
+    """Run ``call(module)`` on meta tensors, recording FLOPs and the input size of every outermost unit."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    units: list[tuple[str, int]] = []
+    names = {n: type(m).__name__ for n, m in module.named_modules()}
+    unit_names = [n for n, k in names.items() if k in UNIT_KINDS]
+    outer = [n for n in unit_names if not any(n.startswith(u + ".") for u in unit_names if u != n)]
+    # GroupNorm -> activation -> conv output heads outside every unit (UNet conv_norm_out, VAE decoder's)
+    heads = [n for n, k in names.items() if k == "GroupNorm" and not any(n.startswith(u + ".") for u in unit_names)
+             and n.split(".")[-1] in ("conv_norm_out", "norm_out")]
+
+    def hook(kind):
+        def pre(mod, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states")
+            n = x.numel()
+            if kind == "ResnetBlock2D":  # saves ~3 tensors of the input width and ~3 of the output width
+                n = n * (mod.in_channels + mod.out_channels) // (2 * mod.in_channels)
+            units.append((kind, int(n)))
+        return pre
+
+    mods = dict(module.named_modules())
+    handles = [mods[n].register_forward_pre_hook(hook(names[n]), with_kwargs=True) for n in outer]
+    handles += [mods[n].register_forward_pre_hook(hook("head"), with_kwargs=True) for n in heads]
+    try:
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            call(module)
+    finally:
+        for h in handles:
+            h.remove()
+    return Profile(sum(p.numel() for p in module.parameters()), float(fc.get_total_flops()), units)
+
+
+def unet_profile(a: Arch) -> tuple[Profile, nn.Module]:
+    unet = _build(a.unet_class, a.unet)
+    h, w = a.latent_hw
+    c = a.unet.get("in_channels", 4)
+    t = torch.zeros(1, device="meta")
+    if a.unet_class == "UNet2DModel":
+        x = torch.empty(1, c, h, w, device="meta")
+        kw = {"class_labels": torch.zeros(1, dtype=torch.long, device="meta")} if a.class_conditional else {}
+        return profile(unet, lambda m: m(x, t, **kw)), unet
+    shape = (1, c, a.frames, h, w) if a.unet_class == "UNet3DConditionModel" else (1, c, h, w)
+    x = torch.empty(*shape, device="meta")
+    ctx = torch.empty(1, a.tokens, a.unet.get("cross_attention_dim", 1280), device="meta")
+    return profile(unet, lambda m: m(x, t, encoder_hidden_states=ctx)), unet
+
+
+def vae_decoder_profile(a: Arch) -> tuple[Profile, int]:
+    """Decoding one image; and the VAE's whole parameter count (the reward actor loads encoder + decoder)."""
+    vae = _build("AutoencoderKL", a.vae)
+    z = torch.empty(1, a.vae.get("latent_channels", 4), *a.latent_hw, device="meta")
+    return profile(vae, lambda m: m.decode(z)), sum(p.numel() for p in vae.parameters())
+
+
+def clip_profile(config: dict) -> Profile:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.device("meta"):
+        clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**{k: v for k, v in config.items()
+                                                                 if not k.startswith("_")}))
+    s = int(config.get("image_size", 224))
+    px = torch.empty(1, 3, s, s, device="meta")
+    return profile(clip, lambda m: m(pixel_values=px))
+
+
+def text_params(config: dict | None) -> int:
+    if config is None:
+        return 0
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        m = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")}))
+    return sum(p.numel() for p in m.parameters())
+
+
+def lora_params(unet: nn.Module, rank: int, targets: list[str]) -> int:
+    """peft's LoRA size: ``r × (in + out)`` per adapted Linear, ``r × (in·k² + out)`` per Conv2d."""
+    total = 0
+    for name, m in unet.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if isinstance(m, nn.Linear):
+            total += rank * (m.in_features + m.out_features)
+        elif isinstance(m, nn.Conv2d):
+            total += rank * (m.in_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups + m.out_channels)
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+@dataclass
+class Role:
+    name: str
+    memory: dict[str, float]        # component -> bytes
+    seconds: float
+    gpus: float                     # GPUs per actor (Ray num_gpus)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.memory.values())
+
+
+def _reward_specs(spec: dict) -> list[dict]:
+    """Every (nested) reward spec of a reward section (video_frames' reward, weighted_sum's parts)."""
+    params = spec.get("params") or {}
+    out = [spec]
+    if isinstance(params.get("reward"), dict):
+        out += _reward_specs(params["reward"])
+    for part in params.get("parts") or []:
+        out += _reward_specs(part)
+    return out
+
+
+def segment_calls(est: dict, regulariser: dict, T: int) -> tuple[int, int, bool]:
+    """(model calls in the longest back-propagated segment, calls back-propagated per step, checkpointed).
+
+    ``rlr``'s half-order block re-runs h trained calls and, for the in-block pathwise KL terms (every
+    regulariser but ``kl_dpok``), h − 1 reference calls differentiated in x: 2h − 1 calls (measured: 1.00,
+    3.01, 7.02 × one call for h = 1, 2, 4 on the tiny SD model)."""
+    name = est["name"]
+    if name == "rlr":
+        h = int(est.get("h", 2))
+        zo = est.get("zo", "lr")
+        rest = {"lr": T - h - 1, "lr_sampled": int(est.get("K", 4))}.get(zo, 2)
+        seg = h if regulariser.get("name") == "kl_dpok" else 2 * h - 1
+        return seg, int(est.get("fo", True)) + seg + max(rest, 0), False
+    if name == "lr":
+        k = est.get("K") or T
+        return 1, int(k), False
+    if name in ("truncated_bp", "full_bp"):
+        k = T if name == "full_bp" else int(est.get("k_max") or est.get("K", 1))
+        ckpt = bool(est.get("checkpoint", name == "full_bp"))
+        return k, k, ckpt
+    raise PlanError(f"estimator {name!r}: the planner knows rlr, lr, truncated_bp, full_bp")
+
+
+_CACHE: dict = {}
+
+
+def _profiles(arch: Arch):
+    """UNet profile and meta module, text-encoder size, VAE decoder profile and size (cached per architecture)."""
+    key = repr(arch)
+    if key not in _CACHE:
+        vae = vae_decoder_profile(arch) if arch.vae else (None, 0)
+        _CACHE[key] = (*unet_profile(arch), text_params(arch.text), *vae)
+    return _CACHE[key]
+
+
+def plan(cfg, reward_spec: dict, gpu: str, arch: Arch) -> list[Role]:
+    """The three roles of ``cfg`` (a TrainConfig) on ``gpu``; ``reward_spec`` is the raw reward section."""
+    if gpu not in GPUS:
+        raise PlanError(f"--gpu: unknown GPU {gpu!r}; one of {sorted(GPUS)}")
+    g = GPUS[gpu]
+    m, ds, c, t = cfg.model, cfg.deepspeed, cfg.cluster, cfg.train
+    bf16 = m.mixed_precision == "bf16" or ds.bf16
+    prec = "bf16" if bf16 else "fp32"
+    flops_per_s = g.bf16_tflops * 1e12 * EFFICIENCY * (1.0 if bf16 else 0.5)
+    T = m.num_inference_steps
+    cfg_mult = 2 if m.guidance_scale != 1.0 else 1
+    chunks = max(c.samplers.count, c.learners.count)
+    chunk = math.ceil(t.batch_size / chunks)
+    world = c.learners.count
+
+    up, unet, n_text, vae_p, n_vae = _profiles(arch)
+    n_unet = up.params
+    targets = m.lora.target_modules or ["to_q", "to_k", "to_v", "to_out.0"] + (
+        ["conv1", "conv2"] if arch.unet_class == "UNet2DModel" else [])
+    n_train = lora_params(unet, m.lora.rank, targets) if m.finetune == "lora" else n_unet
+    latent = arch.unet.get("in_channels", 4) * arch.frames * arch.latent_hw[0] * arch.latent_hw[1] * 4
+    call = up.saved_bytes(prec, "full" if m.finetune == "full" else "lora") * chunk * cfg_mult      # one (CFG) model call at the chunk size
+    frozen = (n_text + n_vae) * 4
+
+    # learner
+    seg, bp_calls, ckpt = segment_calls(cfg.estimator, cfg.regulariser, T)
+    if m.gradient_checkpointing or ckpt:
+        act = call + (seg if not ckpt else T) * latent * chunk * cfg_mult
+        recompute = 4 / 3
+    else:
+        act, recompute = seg * call, 1.0
+    zero3 = ds.zero_stage == 3
+    weights = n_unet * (2 if ds.bf16 else 4) / (world if zero3 else 1)
+    grads = n_train * 4 / (world if ds.zero_stage >= 2 else 1)
+    optim = 0.0 if ds.offload_optimizer else n_train * (12 if ds.bf16 else 8) / (world if ds.zero_stage >= 1 else 1)
+    learner_mem = {"unet weights": weights, "frozen vae + text encoder": frozen,
+                   "reference unet (full fine-tuning)": n_unet * 4 if m.finetune == "full" else 0.0,
+                   "gradients": grads, "optimizer state": optim, "activations": act,
+                   "trajectory": 3 * T * latent * chunk}
+    per_learner = math.ceil(chunks / world)
+    learner_s = per_learner * bp_calls * 3 * recompute * cfg_mult * chunk * up.flops / flops_per_s
+    learner = Role("learner", learner_mem, learner_s, c.learners.num_gpus,
+                   [f"{n_train / 1e6:.2f} M trainable of {n_unet / 1e6:.0f} M; chunk {chunk}; longest segment "
+                    f"{seg} call(s){' (checkpointed)' if m.gradient_checkpointing or ckpt else ''}; "
+                    f"{bp_calls} calls back-propagated"])
+
+    # sampler
+    work = INFER_FACTOR * up.largest_input() * chunk * cfg_mult * (2 if bf16 else 4)
+    sampler_mem = {"unet weights (fp32)": n_unet * 4 * (2 if m.finetune == "full" else 1) + n_train * 4 * (m.finetune == "lora"),
+                   "frozen vae + text encoder": frozen, "working set": work, "trajectory": 3 * T * latent * chunk}
+    sampler_s = math.ceil(chunks / c.samplers.count) * T * 2 * cfg_mult * chunk * up.flops / flops_per_s
+    sampler = Role("sampler", sampler_mem, sampler_s, c.samplers.num_gpus, ["with the reference model each step (KL)"])
+
+    # reward
+    specs = _reward_specs(reward_spec)
+    need_grad = cfg.make_estimator().needs_reward_grad
+    scored = arch.frames
+    for s in specs:
+        p = s.get("params") or {}
+        if s.get("name") == "video_frames":
+            from rlr_dist.rewards.video import frame_indices
+
+            scored = len(frame_indices(arch.frames, p.get("num_frames"), p.get("frame_stride")))
+    clip = None
+    if any(s.get("name") == "aesthetic" for s in specs):
+        path = next((s.get("params") or {}).get("clip", "") for s in specs if s.get("name") == "aesthetic")
+        local = Path(str(path)) / "config.json"
+        conf = json.loads(local.read_text()) if local.is_file() else CLIP_L14_VISION
+        clip = _CACHE.get(repr(conf)) or _CACHE.setdefault(repr(conf), clip_profile(conf))
+    images = chunk * arch.frames
+    reward_mem = {"vae weights": n_vae * 4, "clip weights": clip.params * 4 if clip else 0.0}
+    fl = images * (vae_p.flops if vae_p else 0) + chunk * scored * (clip.flops if clip else 0)
+    notes = [f"{images} image(s) decoded per chunk, {chunk * scored} scored"]
+    if need_grad:
+        reward_mem["vae decode activations"] = images * vae_p.saved_bytes("fp32", "frozen") if vae_p else 0.0
+        reward_mem["clip activations"] = chunk * scored * clip.saved_bytes("fp32", "frozen") if clip else 0.0
+        fl *= 3
+        notes.append("∂R/∂x₀: every decoded frame stays in the graph (vae_slicing does not lower this)")
+    else:
+        per = 1 if m.vae_slicing else images
+        reward_mem["working set"] = INFER_FACTOR * 4 * max(per * (vae_p.largest_input() if vae_p else 0),
+                                                            chunk * scored * (clip.largest_input() if clip else 0))
+    reward_s = math.ceil(chunks / c.rewards.count) * fl / (g.bf16_tflops * 1e12 * EFFICIENCY * 0.5)
+    reward = Role("reward", reward_mem, reward_s, c.rewards.num_gpus, notes)
+    return [sampler, reward, learner]
+
+
+def usable_bytes(gpu: str, share: float) -> float:
+    """Memory a role may use: its share of the GPU (fractional GPUs share one card) minus the reserve."""
+    return min(share, 1.0) * GPUS[gpu].memory_gb * GB - RESERVE_GB * GB
+
+
+# Candidate changes per role, as config overrides, in the order they are tried (cheapest to the recipe first).
+def _candidates(cfg, role: str) -> list[list[str]]:
+    m, ds, c, est = cfg.model, cfg.deepspeed, cfg.cluster, cfg.estimator
+    out: list[list[str]] = []
+    if role == "learner":
+        if not m.gradient_checkpointing:
+            out.append(["--model.gradient_checkpointing=true"])
+        if not ds.bf16:
+            out.append(["--model.mixed_precision=bf16", "--deepspeed.bf16=true"])
+        for stage in range(ds.zero_stage + 1, 4 if m.finetune == "full" else 3):
+            out.append([f"--deepspeed.zero_stage={stage}"])
+        if ds.zero_stage >= 1 and not ds.offload_optimizer:
+            out.append(["--deepspeed.offload_optimizer=true"])
+        if m.finetune == "full":
+            out.append(["--model.finetune=lora", "--deepspeed.zero_stage=2"])
+        elif m.lora.rank > 4:
+            out.append([f"--model.lora.rank={m.lora.rank // 2}"])
+        if est["name"] == "rlr" and int(est.get("h", 2)) > 1:
+            out.append([f"--estimator.h={max(1, int(est.get('h', 2)) // 2)}"])
+        out.append([f"--cluster.learners.count={2 * c.learners.count}"])
+    else:
+        out.append([f"--cluster.samplers.count={2 * c.samplers.count}"])
+        if role == "reward" and c.rewards.num_gpus < 1:
+            out.append(["--cluster.rewards.num_gpus=1"])
+        if role == "sampler" and m.mixed_precision != "bf16":
+            out.append(["--model.mixed_precision=bf16"])
+        if role == "reward" and not m.vae_slicing:
+            out.append(["--model.vae_slicing=true"])
+    return out
+
+
+@dataclass
+class Verdict:
+    role: Role
+    fits: bool                                        # as planned, or after ``fix``
+    usable: float
+    fix: list[str] = field(default_factory=list)      # overrides (greedy) after which it fits; [] when it fits
+    fixed_total: float | None = None
+
+
+def verdicts(cfg, reward_spec: dict, gpu: str, arch: Arch) -> list[Verdict]:
+    """Each role's plan, whether it fits, and (when not) a greedy set of overrides after which it does."""
+    from rlr_dist.config import ConfigError, apply_overrides, build, to_dict
+    from rlr_dist.train.config import TrainConfig
+
+    out = []
+    for role in plan(cfg, reward_spec, gpu, arch):
+        v = Verdict(role, False, usable_bytes(gpu, role.gpus or 1.0))
+        v.fits = role.total <= v.usable
+        cur, over = cfg, role.total - v.usable
+        while over > 0:  # greedy: apply the change that lowers the overshoot most, until it fits
+            best = None
+            for ov in _candidates(cur, role.name):
+                try:
+                    nxt = build(TrainConfig, apply_overrides(to_dict(cur), ov))
+                except ConfigError:
+                    continue
+                r = next(x for x in plan(nxt, reward_spec, gpu, arch) if x.name == role.name)
+                o = r.total - usable_bytes(gpu, r.gpus or 1.0)
+                if best is None or o < best[0]:
+                    best = (o, ov, nxt, r.total)
+            if best is None or best[0] >= over:
+                break
+            over, ov, cur, v.fixed_total = best
+            keys = {o.split("=")[0] for o in ov}
+            v.fix = [o for o in v.fix if o.split("=")[0] not in keys] + ov
+        v.fits = over <= 0
+        out.append(v)
+    return out
+
+
+def load(path: str, overrides: list[str] | None = None):
+    """``(TrainConfig, raw reward section)``. The reward section is read as data (its weights are not loaded):
+    the config is built with the default reward, so planning works before the reward weights are staged."""
+    from rlr_dist.config import apply_overrides, build, load_yaml
+    from rlr_dist.train.config import TrainConfig
+
+    data = apply_overrides(load_yaml(path), overrides or [])
+    reward = data.pop("reward", None) or {"name": "digit_logprob"}
+    data.pop("eval_reward", None)
+    return build(TrainConfig, data), reward
+
+
+def report(path: str, gpu: str, overrides: list[str] | None = None, preset: str | None = None) -> tuple[str, bool]:
+    """The text `rlr-dist plan` prints, and whether every GPU role fits."""
+    cfg, reward = load(path, overrides)
+    arch = arch_of(cfg.model, preset)
+    vs = verdicts(cfg, reward, gpu, arch)
+    g = GPUS[gpu]
+    lines = [f"plan for {path} on {gpu} ({g.memory_gb:g} GB, {g.bf16_tflops:g} bf16 TFLOPS dense); "
+             f"latent {arch.latent_hw[0]}x{arch.latent_hw[1]}" + (f", {arch.frames} frames" if arch.frames > 1 else "")
+             + f", T={cfg.model.num_inference_steps}, batch {cfg.train.batch_size}"]
+    ok = True
+    for v in vs:
+        r = v.role
+        where = f"{r.gpus:g} GPU" if r.gpus else "CPU (num_gpus 0: no GPU verdict)"
+        fits_now = r.total <= v.usable
+        status = ("fits" if fits_now else "DOES NOT FIT") if r.gpus else "-"
+        ok &= fits_now or not r.gpus
+        lines.append(f"\n{r.name}  [{where}]  {r.total / GB:.2f} GB of {v.usable / GB:.1f} GB usable: {status}; "
+                     f"~{r.seconds:.1f} s / iteration")
+        for k, b in r.memory.items():
+            if b:
+                lines.append(f"    {k:<34} {b / GB:9.3f} GB")
+        lines += [f"    note: {n}" for n in r.notes]
+        if r.gpus and r.total > v.usable:
+            if v.fix and v.fits:
+                lines.append(f"    to fit ({v.fixed_total / GB:.2f} GB): {' '.join(v.fix)}")
+            else:
+                lines.append(f"    no tried change fits it (tried: {' '.join(v.fix) or 'nothing applicable'}); "
+                             "use a larger GPU or a smaller batch / resolution / frames")
+    lines.append(f"\nTimes assume {EFFICIENCY:.0%} of peak tensor FLOPs (fp32 at TF32 = half of bf16) and roles in "
+                 "sequence: a rough estimate. Memory adds a "
+                 f"{RESERVE_GB:g} GB reserve per GPU; activations calibrated on CPU (docs/results/plan.md).")
+    return "\n".join(lines), ok
