@@ -29,7 +29,7 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
 def _bench_study(args: argparse.Namespace) -> int:
     from rlr_dist.bench.study import main
 
-    print(main(args.study, None if args.out == "-" else args.out, args.workers))
+    print(main(args.study, None if args.out == "-" else args.out, args.workers, args.reuse))
     return 0
 
 
@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--workers", type=int, default=None, help="worker processes (default: the study file's)")
     bs.add_argument("--out", default="docs/results/study-digits.md", help="report path (.md; .csv/.json/.png "
                     "beside it), '-' for none")
+    bs.add_argument("--reuse", action="store_true", help="take the training runs from the report's earlier .json "
+                    "(re-run only the gradient draws and the report)")
     bs.set_defaults(func=_bench_study)
     _add_pretrain(sub)
     _add_run_commands(sub)

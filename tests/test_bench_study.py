@@ -40,6 +40,7 @@ seeds: [0]
 eval_every: 1
 eval_samples: 8
 workers: 1
+gradient_draws: 2
 """)
     text = main(p, tmp_path / "out" / "study.md")
     assert "| kl | rlr_h2 |" in text and "| kl | tbp_k1 |" in text
@@ -51,3 +52,8 @@ workers: 1
     res = json.loads((tmp_path / "out" / "study.json").read_text())["results"]
     assert [c["queries"] for c in res[0]["curve"]] == [4, 8]
     assert (tmp_path / "out" / "study.png").stat().st_size > 1000
+    # gradient estimates at the pretrained weights: one row per method, cosines against itself = 1
+    grads = text.split("## Gradient estimates")[1]
+    assert "| rlr_h2 |" in grads and "| tbp_k1 |" in grads and "1 (itself)" in grads
+    again = main(p, tmp_path / "out" / "study.md", reuse=True)  # the training runs are not repeated
+    assert again.split("## Gradient estimates")[0].split("Base config")[1] == text.split("## Gradient estimates")[0].split("Base config")[1]

@@ -46,12 +46,15 @@ class StudyConfig:
     eval_samples: int = 64
     eval_target: int = 3
     workers: int = 2
+    gradient_draws: int = 0  # > 0: also that many gradient estimates per method at the pretrained weights
 
     def __post_init__(self) -> None:
         check(len(self.methods) > 0, "methods", "must name at least one estimator")
         check(len(self.seeds) > 0, "seeds", "must list at least one seed")
         check(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
         check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        check(self.gradient_draws == 0 or self.gradient_draws >= 2, "gradient_draws",
+              f"must be 0 (off) or >= 2, got {self.gradient_draws}")
         for group in ("methods", "regularisers"):
             for label, section in getattr(self, group).items():
                 check(isinstance(section, dict) and "name" in section, f"{group}.{label}",
@@ -115,35 +118,117 @@ def run_cell(cell: dict, eval_every: int, eval_samples: int, target: int) -> dic
             "final": {k: last[k] for k in ("reward", "kl", "heldout", "heldout_logp", "class_entropy", "pairwise_l2")}}
 
 
+def gradient_draws(cell: dict, draws: int) -> dict:
+    """``draws`` independent gradient estimates (batches of the study's size) at the pretrained weights:
+    their mean and ``tr Cov`` of one estimate (runs in a worker process)."""
+    torch.set_num_threads(1)
+    from rlr_dist.estimators import Advantages
+    from rlr_dist.models import load_model
+    from rlr_dist.rewards import build_scorer
+    from rlr_dist.train import step
+    from rlr_dist.train.config import load_config
+
+    cfg = load_config(cell["base"], cell["overrides"])
+    torch.manual_seed(cfg.train.seed)
+    model = load_model(cfg.model)
+    cfg.check_schedule(model.schedule())
+    estimator, regulariser = cfg.make_estimator(), cfg.make_regulariser()
+    scorer = build_scorer(cfg.reward, model.decoder())
+    params, prompts, t = model.trainable_parameters(), cfg.data.load_prompts(), cfg.train
+    grads = []
+    t0 = time.perf_counter()
+    for d in range(draws):
+        works = step.iteration_work(prompts, 10_000 + d, t.seed, t.prompts_per_iteration, t.samples_per_prompt, 1)
+        chunks = [step.score(scorer, step.rollout(model, estimator, w.prompts, w.prompt_ids, w.seed, 0, True),
+                             estimator.needs_reward_grad) for w in works]
+        for p in params:
+            p.grad = None
+        step.learn(model, estimator, regulariser, Advantages(t.advantage_baseline, t.advantage_scale), chunks,
+                   all_rewards=torch.cat([c.reward for c in chunks]))
+        grads.append(torch.cat([p.grad.flatten().double() for p in params]))
+    G = torch.stack(grads)
+    return {"method": cell["method"], "regulariser": cell["regulariser"], "mean": G.mean(0),
+            "tr_cov": float(G.var(0).sum()), "draws": draws, "seconds_per_draw": (time.perf_counter() - t0) / draws}
+
+
+def spread_table(rows: list[dict], reference: str) -> list[str]:
+    """Variance of one batch's estimate against the ``reference`` method's signal ``S = ‖E ĝ_ref‖²``
+    (full backprop: unbiased, least noisy), and the cosine of each method's mean gradient with the
+    reference's next to the cosine an *unbiased* estimator would show from noise alone,
+    ``1/√((1 + V/(nS))(1 + V_ref/(nS)))`` — a cosine well below it means bias."""
+    ref = next(r for r in rows if r["method"] == reference)
+    S = float(ref["mean"].pow(2).sum()) - ref["tr_cov"] / ref["draws"]
+    lines = [f"Signal of `{reference}`: ‖E ĝ‖² = {S:.4g} (debiased).", "",
+             f"| method | tr Cov(ĝ) | tr Cov / ‖E ĝ_{reference}‖² | cos(E ĝ, E ĝ_{reference}) | same if unbiased | "
+             "s per estimate |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        cos = float(torch.nn.functional.cosine_similarity(r["mean"], ref["mean"], dim=0))
+        if S > 0:
+            unbiased = (1 + r["tr_cov"] / (r["draws"] * S)) ** -0.5 * (1 + ref["tr_cov"] / (ref["draws"] * S)) ** -0.5
+            ratio, same = f"{r['tr_cov'] / S:.3g}", f"{unbiased:.3f}"
+        else:  # the reference's own mean is noise-dominated: no signal to compare with
+            ratio = same = "–"
+        lines.append(f"| {r['method']} | {r['tr_cov']:.4g} | {ratio} | {cos:+.3f} | "
+                     f"{'1 (itself)' if r is ref else same} | {r['seconds_per_draw']:.2f} |")
+    return lines
+
+
 # ------------------------------------------------------------------------------------------ driver
-def main(path: str | Path, out: str | Path | None = None, workers: int | None = None) -> str:
-    """Run every cell of the study at ``path``; write ``<out>.md`` (+ ``.csv``, ``.json``, ``.png``)."""
+def _pooled(fn, jobs: list[tuple], workers: int, line) -> list:
+    """``fn(*job)`` for every job on ``workers`` spawned processes, a progress line (with ETA) per result."""
     import multiprocessing as mp
 
+    out, t0 = [], time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(fn, *job) for job in jobs]
+        for fut in futures:  # in submission order: the ETA is a rough one
+            out.append(fut.result())
+            done, el = len(out), time.perf_counter() - t0
+            print(f"[study {done}/{len(jobs)}] {line(out[-1])} | elapsed {el:.0f} s, "
+                  f"ETA {el / done * (len(jobs) - done):.0f} s", flush=True)
+    return out
+
+
+def main(path: str | Path, out: str | Path | None = None, workers: int | None = None, reuse: bool = False) -> str:
+    """Run every cell of the study at ``path``; write ``<out>.md`` (+ ``.csv``, ``.json``, ``.png``).
+    ``reuse``: take the training runs from an earlier ``<out>.json`` (only the gradient draws run again)."""
     study, cells = load_study(path)
     workers = workers or study.workers
-    print(f"[study] {len(cells)} runs ({len(study.methods)} methods x {len(study.regularisers)} regularisers x "
-          f"{len(study.seeds)} seeds) on {workers} worker process(es)", flush=True)
-    results, t0 = [], time.perf_counter()
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(run_cell, c, study.eval_every, study.eval_samples, study.eval_target) for c in cells]
-        for fut in futures:  # in submission order: the ETA is a rough one
-            r = fut.result()
-            results.append(r)
-            done, el = len(results), time.perf_counter() - t0
-            print(f"[study {done}/{len(cells)}] {r['method']} / {r['regulariser']} / seed {r['seed']}: held-out "
-                  f"{r['before']['heldout']:.3f} -> {r['final']['heldout']:.3f}, KL {r['final']['kl']:.2f}, "
-                  f"{r['wall_s']:.0f} s | elapsed {el:.0f} s, ETA {el / done * (len(cells) - done):.0f} s", flush=True)
+    t0 = time.perf_counter()
+    if reuse:
+        if out is None or not Path(out).with_suffix(".json").is_file():
+            raise ConfigError(f"--reuse needs the results of an earlier run at {Path(out or '-').with_suffix('.json')}")
+        saved = json.loads(Path(out).with_suffix(".json").read_text())
+        results, train_s = saved["results"], saved["meta"].get("train_wall_s", saved["meta"]["wall_s"])
+    else:
+        print(f"[study] {len(cells)} runs ({len(study.methods)} methods x {len(study.regularisers)} regularisers x "
+              f"{len(study.seeds)} seeds) on {workers} worker process(es)", flush=True)
+        results = _pooled(run_cell, [(c, study.eval_every, study.eval_samples, study.eval_target) for c in cells],
+                          workers, lambda r: f"{r['method']} / {r['regulariser']} / seed {r['seed']}: held-out "
+                          f"{r['before']['heldout']:.3f} -> {r['final']['heldout']:.3f}, KL {r['final']['kl']:.2f}, "
+                          f"{r['wall_s']:.0f} s")
+        train_s = time.perf_counter() - t0
+    spread = []
+    if study.gradient_draws:
+        first = {}
+        for c in cells:  # the first regulariser and seed of every method
+            first.setdefault(c["method"], c)
+        print(f"[study] {study.gradient_draws} gradient estimates per method at the pretrained weights", flush=True)
+        rows = _pooled(gradient_draws, [(c, study.gradient_draws) for c in first.values()], workers,
+                       lambda r: f"gradients of {r['method']}: tr Cov {r['tr_cov']:.4g}")
+        reference = "full_bp" if "full_bp" in first else rows[0]["method"]
+        spread = spread_table(rows, reference)
     meta = {"study": str(path), "date": str(date.today()), "cpus": os.cpu_count(), "workers": workers,
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "wall_s": time.perf_counter() - t0, "config": {k: getattr(study, k) for k in
-                                                             ("base", "overrides", "methods", "regularisers", "seeds",
-                                                              "eval_samples", "eval_target")}}
-    text = report(results, meta)
+            "train_wall_s": train_s, "wall_s": time.perf_counter() - t0,
+            "config": {k: getattr(study, k) for k in ("base", "overrides", "methods", "regularisers", "seeds",
+                                                      "eval_samples", "eval_target", "gradient_draws")}}
+    text = report(results, meta, spread)
     if out:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results, "gradients": spread},
+                                                       indent=1))
         write_csv(results, out.with_suffix(".csv"))
         plot(results, out.with_suffix(".png"))
         out.with_suffix(".md").write_text(text.replace("PLOT", out.with_suffix(".png").name))
@@ -178,13 +263,13 @@ def _ms(xs: list[float]) -> str:
     return f"{m:.3f} ± {s:.3f}"
 
 
-def report(results: list[dict], meta: dict) -> str:
+def report(results: list[dict], meta: dict, spread: list[str] = ()) -> str:
     cfg = meta["config"]
     lines = [
         "# Estimator study: the same work at an equal reward-query budget", "",
         f"`rlr-dist bench study {meta['study']}` — {meta['date']}, {meta['machine']}, {meta['cpus']} CPUs, "
-        f"{meta['workers']} worker processes of 1 torch thread, torch {meta['torch']}; whole study "
-        f"{meta['wall_s'] / 60:.1f} min.", "",
+        f"{meta['workers']} worker processes of 1 torch thread, torch {meta['torch']}; training runs "
+        f"{meta['train_wall_s'] / 60:.1f} min, whole study {meta['wall_s'] / 60:.1f} min.", "",
         f"Base config `{cfg['base']}` with `{' '.join(cfg['overrides'])}`; seeds {cfg['seeds']}. Every run: "
         f"{results[0]['queries']} reward queries, same learning rate and optimiser. Held-out = fraction of "
         f"{cfg['eval_samples']} fresh samples (fixed seeds) the MNIST-trained evaluator reads as digit "
@@ -204,6 +289,10 @@ def report(results: list[dict], meta: dict) -> str:
                      f"{_ms([r['wall_s'] for r in rs]).split(' ±')[0]} | "
                      f"{_ms([r['peak_activation_mb'] for r in rs]).split(' ±')[0]} |")
     lines += ["", "Mean ± standard deviation over seeds.", "", "![held-out reward vs reward queries](PLOT)", ""]
+    if spread:
+        lines += [f"## Gradient estimates at the pretrained weights ({cfg['gradient_draws']} independent batches of "
+                  f"{results[0]['queries'] // max(1, len(results[0]['curve']))} per method, first regulariser)", "",
+                  *spread, ""]
     return "\n".join(lines)
 
 
