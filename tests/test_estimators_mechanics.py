@@ -164,3 +164,13 @@ def test_truncated_bp_random_K_and_checkpointed_full_bp():
     full, full_ckpt = make_estimator("full_bp", checkpoint=False), make_estimator("full_bp", checkpoint=True)
     chain, b = make_batch(full, reg=make_regulariser("kl_exact", beta=0.2))
     torch.testing.assert_close(grad_of(full_ckpt, b, chain), grad_of(full, b, chain), rtol=1e-12, atol=1e-14)
+    # with the exact KL the reference call of every step is checkpointed with it: only latents are held
+    from rlr_dist.bench.memory import SavedTensorMeter
+
+    peaks = {}
+    for name, e in (("plain", full), ("ckpt", full_ckpt)):
+        with SavedTensorMeter(exclude=[chain.theta, chain.step_delta]) as m:
+            backward_terms(e.terms(b))
+        peaks[name] = m.peak
+    latents = b.traj.T * b.traj.state(b.traj.T).numel() * 8  # float64, one per checkpointed step
+    assert peaks["ckpt"] <= 2 * latents < peaks["plain"] / 4

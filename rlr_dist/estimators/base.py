@@ -143,17 +143,21 @@ def segment(b: Batch, k_hi: int, k_lo: int, use_checkpoint: bool = False) -> tup
     x = b.traj.state(k_hi).detach()
     cost = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     mu = x
+
+    def step(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """``μ_θ(x)`` and the step's cost (zeros when it has none) — one unit for checkpointing, so the
+        reference call of the cost is recomputed in backward too instead of being held."""
+        mu = b.chain.mean(x, k, cond)
+        if not (reg.active and b.sigma(k) > 0):
+            return mu, torch.zeros_like(cost)
+        if reg.shaping or k == k_hi:
+            return mu, explicit_cost(b, x, k, mu).double()
+        xd = x.detach()
+        return mu, explicit_cost(b, xd, k, b.chain.mean(xd, k, cond)).double()
+
     for k in range(k_hi, k_lo - 1, -1):
-        if use_checkpoint:
-            mu = checkpoint(b.chain.mean, x, k, cond, use_reentrant=False)
-        else:
-            mu = b.chain.mean(x, k, cond)
-        if reg.active and b.sigma(k) > 0:
-            if reg.shaping or k == k_hi:
-                cost = cost + explicit_cost(b, x, k, mu).double()
-            else:
-                xd = x.detach()
-                cost = cost + explicit_cost(b, xd, k, b.chain.mean(xd, k, cond)).double()
+        mu, c = checkpoint(step, x, k, use_reentrant=False) if use_checkpoint else step(x, k)
+        cost = cost + c
         if k > k_lo:
             x = mu + b.sigma(k) * b.traj.noise(k) if b.sigma(k) > 0 else mu
     return x, mu, cost
