@@ -53,10 +53,17 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(root: str | Path, extra: dict | None = None) -> dict:
-    """Write ``root/manifest.json`` listing sha256 and size of every other file (atomically)."""
+def file_digests(root: str | Path) -> dict[str, dict]:
+    """``{relative path: {"sha256", "size"}}`` of every file under ``root`` but the manifest."""
     root = Path(root)
-    files = {p.relative_to(root).as_posix(): {"sha256": sha256(p), "size": p.stat().st_size} for p in _files(root)}
+    return {p.relative_to(root).as_posix(): {"sha256": sha256(p), "size": p.stat().st_size} for p in _files(root)}
+
+
+def write_manifest(root: str | Path, extra: dict | None = None, elsewhere: dict[str, dict] | None = None) -> dict:
+    """Write ``root/manifest.json`` listing sha256 and size of every other file (atomically). ``elsewhere``:
+    digests of files that other writers put beside these (e.g. other ranks' shards, merged later)."""
+    root = Path(root)
+    files = {**(elsewhere or {}), **file_digests(root)}
     manifest = {"files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))

@@ -95,11 +95,26 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
 
 
 def save(engine, folder: Path, state: dict, rank: int) -> None:
-    """Every rank writes its DeepSpeed shards; rank 0 adds the loop state and, last, the manifest."""
+    """Every rank writes its DeepSpeed shards; rank 0 adds the loop state and, last, the manifest, which
+    lists every rank's files (Ray Train merges the ranks' folders into one checkpoint), so a checkpoint
+    missing any rank's shard is refused at load."""
+    import torch.distributed as dist
+
     engine.save_checkpoint(str(folder), tag=DS_TAG)
+    digests = [storage.file_digests(folder)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, storage.file_digests(folder))
     if rank == 0:
+        others: dict[str, dict] = {}
+        for r, files in enumerate(digests[1:], start=1):
+            for rel, info in files.items():
+                if rel in digests[0] and digests[0][rel] != info or others.get(rel, info) != info:
+                    raise storage.StorageError(f"checkpoint: rank {r}'s {rel} differs from another rank's file "
+                                               "of the same name")
+                others[rel] = info
         (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
-        storage.write_manifest(folder, {"iteration": state["iteration"]})
+        storage.write_manifest(folder, {"iteration": state["iteration"]}, elsewhere=others)
 
 
 def load(engine, folder: Path) -> dict:
