@@ -18,8 +18,8 @@ models against this sum; ``docs/results/plan.md``). Memory per role:
   ``lr``: 1; ``truncated_bp``: K; ``full_bp``: T, or one call + T latents when checkpointed; with
   ``model.gradient_checkpointing`` one call + the inputs of the others) at the chunk size, × 2 with CFG.
 * sampler: fp32 UNet (+ reference copy), text encoder, VAE; a no-grad working set (3 × the largest unit input).
-* reward: VAE and CLIP weights; with ∂R/∂x₀ the saved activations of decoding every frame and of CLIP on the
-  scored frames (VAE slicing does not lower these); without, a no-grad working set.
+* reward: VAE and CLIP weights; with ∂R/∂x₀ the saved activations of decoding the frames the reward reads
+  (only those are decoded) and of CLIP on them (VAE slicing does not lower these); without, a no-grad working set.
 
 The chunk (samples per sampler call, reward call and learner backward) is ``batch / max(samplers, learners)``.
 Time: FLOPs / (peak × ``EFFICIENCY``) per role, roles in sequence — a rough estimate, not a benchmark.
@@ -308,6 +308,20 @@ def _reward_specs(spec: dict) -> list[dict]:
     return out
 
 
+def _frames_read(spec: dict, F: int) -> set[int] | None:
+    """The frames a reward section reads, as its reward's ``frames()`` would say (``None``: all); the reward
+    actor decodes only those."""
+    from rlr_dist.rewards.video import frame_indices
+
+    params = spec.get("params") or {}
+    if spec.get("name") == "video_frames" and not params.get("temporal_weight"):
+        return set(frame_indices(F, params.get("num_frames"), params.get("frame_stride")))
+    if spec.get("name") == "weighted_sum":
+        parts = [_frames_read(p, F) for p in params.get("parts") or []]
+        return None if not parts or any(f is None for f in parts) else set().union(*parts)
+    return None
+
+
 def segment_calls(est: dict, regulariser: dict, T: int) -> tuple[int, int, bool]:
     """(model calls in the longest back-propagated segment, calls back-propagated per step, checkpointed).
 
@@ -412,7 +426,8 @@ def plan(cfg, reward_spec: dict, gpu: str, arch: Arch) -> list[Role]:
         local = Path(str(path)) / "config.json"
         conf = json.loads(local.read_text()) if local.is_file() else CLIP_L14_VISION
         clip = _CACHE.get(repr(conf)) or _CACHE.setdefault(repr(conf), clip_profile(conf))
-    images = chunk * arch.frames
+    read = _frames_read(reward_spec, arch.frames)
+    images = chunk * (arch.frames if read is None else len(read))
     reward_mem = {"vae weights": n_vae * 4, "clip weights": clip.params * 4 if clip else 0.0}
     fl = images * (vae_p.flops if vae_p else 0) + chunk * scored * (clip.flops if clip else 0)
     notes = [f"{images} image(s) decoded per chunk, {chunk * scored} scored"]
@@ -420,7 +435,8 @@ def plan(cfg, reward_spec: dict, gpu: str, arch: Arch) -> list[Role]:
         reward_mem["vae decode activations"] = images * vae_p.saved_bytes("fp32", "frozen") if vae_p else 0.0
         reward_mem["clip activations"] = chunk * scored * clip.saved_bytes("fp32", "frozen") if clip else 0.0
         fl *= 3
-        notes.append("∂R/∂x₀: every decoded frame stays in the graph (vae_slicing does not lower this)")
+        notes.append("∂R/∂x₀: every decoded frame stays in the graph (vae_slicing does not lower this; "
+                     "only the frames the reward reads are decoded)")
     else:
         per = 1 if m.vae_slicing else images
         reward_mem["working set"] = INFER_FACTOR * 4 * max(per * (vae_p.largest_input() if vae_p else 0),

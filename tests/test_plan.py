@@ -122,6 +122,19 @@ def test_memory_rules():
         2 * base["learner"].memory["optimizer state"])
 
 
+def test_reward_decodes_only_the_frames_it_reads():
+    path = str(ROOT / "jobs/configs/zeroscope-aesthetic-lora.yaml")
+    arch = P.arch_of(P.load(path)[0].model, "zeroscope")
+
+    def reward(*ov):
+        c, rw = P.load(path, ["--estimator.fo=true", *ov])  # with ∂R/∂x₀: decode activations are counted
+        return next(r for r in P.plan(c, rw, "h100-80gb", arch) if r.name == "reward")
+
+    four, every = reward(), reward("--reward.params.temporal_weight=0.1")  # a temporal term reads all 16
+    assert "4 image(s) decoded" in four.notes[0] and "16 image(s) decoded" in every.notes[0]
+    assert every.memory["vae decode activations"] == pytest.approx(4 * four.memory["vae decode activations"])
+
+
 def test_plan_errors_name_the_fix(capsys):
     assert cli(["plan", str(ROOT / "jobs/configs/sd15-aesthetic-lora.yaml"), "--gpu", "h100-80gb"]) == 2
     assert "--arch" in capsys.readouterr().err

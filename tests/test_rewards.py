@@ -164,6 +164,37 @@ def test_video_frames_subsampling_aggregation_and_temporal_term():
         make_reward("video_frames", reward={"name": "jpeg_compressibility", "params": {"quality": 101}})
 
 
+def test_scorer_decodes_only_the_frames_a_video_reward_reads():
+    decoded = []
+
+    def decoder(x):  # frame-wise, like the VAE / pixel decoders; records how many frames it decoded
+        decoded.append(x.shape[2])
+        return torch.sigmoid(x)
+
+    v = _rand(2, 3, 8, 5, 5) * 4 - 2
+    sub = make_reward("video_frames", reward={"name": "contrast"}, frame_stride=3)  # frames 0, 3, 6
+    assert sub.frames(8) == [0, 3, 6]
+    R, g = RewardScorer(sub, decoder).score(v, need_grad=True)
+    assert decoded == [3]
+    # the same values and gradient as decoding the whole clip
+    x = v.clone().requires_grad_(True)
+    R_full = apply_reward(sub, decoder(x))
+    (g_full,) = torch.autograd.grad(R_full.sum(), x)
+    torch.testing.assert_close(R, R_full.detach())
+    torch.testing.assert_close(g, g_full)
+    assert g[:, :, [1, 2, 4, 5, 7]].abs().sum() == 0 and g[:, :, [0, 3, 6]].abs().sum() > 0
+    # a temporal term reads every frame; a weighted sum reads the union of its parts' frames
+    decoded.clear()
+    RewardScorer(make_reward("video_frames", reward={"name": "contrast"}, num_frames=2, temporal_weight=0.1),
+                 decoder).score(v)
+    both = make_reward("weighted_sum", parts=[
+        {"name": "video_frames", "params": {"reward": {"name": "contrast"}, "num_frames": 2}},
+        {"name": "video_frames", "params": {"reward": {"name": "brightness"}, "frame_stride": 4}}])
+    assert both.frames(8) == [0, 4, 7]
+    RewardScorer(both, decoder).score(v)
+    assert decoded == [8, 3]
+
+
 # ------------------------------------------------------------------------------------------ combine
 
 

@@ -65,6 +65,11 @@ class Reward(nn.Module, ABC):
     @abstractmethod
     def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor: ...
 
+    def frames(self, num: int) -> list[int] | None:
+        """The frames of a ``num``-frame video this reward reads (sorted), or ``None`` for all of them.
+        A :class:`RewardScorer` decodes only these; the others reach ``forward`` as zeros."""
+        return None
+
 
 def make_reward(name: str, **params) -> Reward:
     """Instantiate a registered reward by name (``params`` are its constructor arguments).
@@ -198,6 +203,17 @@ class RewardScorer:
     def differentiable(self) -> bool:
         return self.reward.differentiable
 
+    def decode(self, x0: Tensor) -> Tensor:
+        """Images of ``x0``; of a video ``(B, C, F, H, W)`` only the frames the reward reads are decoded
+        (decoders work frame by frame), the rest are zeros outside the graph."""
+        idx = self.reward.frames(x0.shape[2]) if x0.dim() == 5 else None
+        if idx is None or len(idx) == x0.shape[2]:
+            return self.decoder(x0)
+        at = torch.tensor(idx, device=x0.device)
+        part = self.decoder(x0.index_select(2, at))
+        full = part.new_zeros(*part.shape[:2], x0.shape[2], *part.shape[3:])
+        return full.index_copy(2, at, part)
+
     def score(self, x0: Tensor, prompts: Sequence[str] | None = None,
               need_grad: bool = False) -> tuple[Tensor, Tensor | None]:
         R, g, _ = self.score_keep(x0, prompts, need_grad)
@@ -214,7 +230,7 @@ class RewardScorer:
         B = x0.shape[0]
         with torch.enable_grad() if need_grad else torch.no_grad():
             x = x0.detach().requires_grad_(need_grad)
-            R = apply_reward(self.reward, self.decoder(x), prompts, finite=not drop)
+            R = apply_reward(self.reward, self.decode(x), prompts, finite=not drop)
             keep = torch.isfinite(R.detach())
             if not keep.any():
                 raise RewardError(f"reward {name!r} returned non-finite values (NaN/inf) for every sample")

@@ -51,6 +51,10 @@ class WeightedSum(Reward):
     def part_name(self, i: int) -> str:
         return f"{self.name}.parts[{i}] ({self.parts[i].name})"
 
+    def frames(self, num: int) -> list[int] | None:
+        parts = [r.frames(num) for r in self.parts]
+        return None if any(f is None for f in parts) else sorted(set().union(*parts))
+
     def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
         total = None
         for i, (w, r) in enumerate(zip(self.weights, self.parts)):

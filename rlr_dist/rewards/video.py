@@ -75,6 +75,9 @@ class VideoFrames(Reward):
         self.temporal_weight = float(temporal_weight)
         self.differentiable = self.frame_reward.differentiable
 
+    def frames(self, num: int) -> list[int] | None:
+        return None if self.temporal_weight != 0.0 else frame_indices(num, self.num_frames, self.frame_stride)
+
     def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
         if images.dim() != 5:
             raise RewardError(f"reward {self.name!r} expects video (B, C, F, H, W), got shape {tuple(images.shape)}")
