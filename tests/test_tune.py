@@ -119,3 +119,11 @@ def test_asha_sweep_tracks_nested_runs_reports_and_resumes(ray_cluster, tmp_path
     with pytest.raises(ConfigError, match="--resume"):
         tune(CONFIG, sweep, TINY)  # a second sweep into the same output_dir
     assert json.loads((tmp_path / "out" / "sweep.json").read_text())["run_id"] == out["run_id"]
+
+
+def test_shipped_sweep_file_validates():
+    from rlr_dist.tune.space import load_sweep
+
+    sweep, base = load_sweep(CONFIG, str(Path(CONFIG).parent / "sweep-digits.yaml"), [])
+    assert {"estimator.h", "optim.lr", "estimator.zo", "regulariser"} <= set(sweep.space)
+    assert sweep.n_trials() == 6 and base.estimator["name"] == "rlr"
