@@ -254,11 +254,14 @@ def _groups(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
-def _ms(xs: list[float]) -> str:
+def _ms(xs: list[float], spread: bool = True) -> str:
+    """``mean ± std`` over seeds (``spread=False``: the mean alone); ``–`` when nothing is finite."""
     xs = [x for x in xs if x is not None and not math.isnan(x)]
     if not xs:
         return "–"
     m = sum(xs) / len(xs)
+    if not spread:
+        return f"{m:.3f}"
     s = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
     return f"{m:.3f} ± {s:.3f}"
 
@@ -284,10 +287,10 @@ def report(results: list[dict], meta: dict, spread: list[str] = ()) -> str:
     ]
     for (reg, method), rs in _groups(results).items():
         f = lambda k: _ms([r["final"][k] for r in rs])  # noqa: E731
-        lines.append(f"| {reg} | {method} | {_ms([r['before']['heldout'] for r in rs]).split(' ±')[0]} → "
+        lines.append(f"| {reg} | {method} | {_ms([r['before']['heldout'] for r in rs], spread=False)} → "
                      f"{f('heldout')} | {f('reward')} | {f('kl')} | {f('pairwise_l2')} | {f('class_entropy')} | "
-                     f"{_ms([r['wall_s'] for r in rs]).split(' ±')[0]} | "
-                     f"{_ms([r['peak_activation_mb'] for r in rs]).split(' ±')[0]} |")
+                     f"{_ms([r['wall_s'] for r in rs], spread=False)} | "
+                     f"{_ms([r['peak_activation_mb'] for r in rs], spread=False)} |")
     lines += ["", "Mean ± standard deviation over seeds.", "", "![held-out reward vs reward queries](PLOT)", ""]
     if spread:
         lines += [f"## Gradient estimates at the pretrained weights ({cfg['gradient_draws']} independent batches of "

@@ -20,6 +20,7 @@ import torch
 from rlr_dist import storage
 from rlr_dist.models.base import DiffusionModel
 from rlr_dist.train.config import TrainConfig
+from rlr_dist.train.local import make_optimizer
 
 DS_TAG = "ds"
 STATE_FILE = "state.json"
@@ -61,10 +62,8 @@ def make_engine(cfg: TrainConfig, model: DiffusionModel):
 
     conf = ds_config(cfg)
     params = model.trainable_parameters()
-    optimizer = None
-    if "optimizer" not in conf:
-        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                      weight_decay=cfg.optim.weight_decay)
+    # the single-process loop's optimizer, unless DeepSpeed brings its own (CPU offload)
+    optimizer = None if "optimizer" in conf else make_optimizer(cfg, params)
     engine, _, _, _ = deepspeed.initialize(model=model.unet, model_parameters=params, optimizer=optimizer,
                                            config=conf)
     model.denoiser.unet = engine
