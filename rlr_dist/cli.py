@@ -146,7 +146,7 @@ def _eval(args: argparse.Namespace) -> int:
     from rlr_dist.rewards import build_scorer
 
     model, prompts = _model_prompts(args)
-    scorer = build_scorer({"name": args.reward, "params": yaml.safe_load(args.params) or {}}, model.decoder())
+    scorer = build_scorer({"name": args.reward, **(yaml.safe_load(args.params) or {})}, model.decoder())
     x0, _ = _draw(model, prompts, args.seed)
     R, _ = scorer.score(x0, prompts)
     print(f"{args.reward} on {len(R)} samples of {args.model}: mean {float(R.mean()):.4f}  std {float(R.std()):.4f}")
@@ -206,7 +206,7 @@ def _add_run_commands(sub) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from rlr_dist.plan import PlanError, report
+    from rlr_dist.planner import PlanError, report
 
     try:
         text, fits = report(args.config, args.gpu, args.overrides, args.arch)
@@ -218,14 +218,14 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _bench_plan(args: argparse.Namespace) -> int:
-    from rlr_dist.bench.plan import main
+    from rlr_dist.bench.planner import main
 
     print(main(None if args.out == "-" else args.out))
     return 0
 
 
 def _add_plan(sub, bsub) -> None:
-    from rlr_dist.plan import GPUS, PRESETS
+    from rlr_dist.planner import GPUS, PRESETS
 
     pl = sub.add_parser("plan", help="per-GPU memory and rough time per iteration of each role; what to change",
                         description="Estimate sampler / reward / learner memory and time per iteration for CONFIG "

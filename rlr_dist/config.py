@@ -31,7 +31,8 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
+def coerce(tp: Any, value: Any, where: str) -> Any:
+    """``value`` checked against (and converted to) the annotation ``tp``; errors name ``where``."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -46,7 +47,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(a, value, where)
+                return coerce(a, value, where)
             except ConfigError as e:
                 errors.append(str(e).split(": ", 1)[-1])
         raise ConfigError(f"{where}: {' / '.join(errors)}")
@@ -59,13 +60,15 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)[:1] or (Any,)
-        out = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        out = [coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         _, vt = typing.get_args(tp) or (str, Any)
-        return {str(k): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and issubclass(tp, Component):
+        return tp.parse(value, where)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -111,7 +114,7 @@ def build(cls: type[C], data: dict | None, where: str = "") -> C:
         raise ConfigError(f"{key}: unknown field; {cls.__name__} has {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+        kwargs[name] = coerce(hints[name], value, f"{where}.{name}" if where else name)
     try:
         obj = cls(**kwargs)
     except ConfigError as e:
@@ -123,8 +126,67 @@ def build(cls: type[C], data: dict | None, where: str = "") -> C:
     return obj
 
 
+class Component:
+    """A registered component as a config section, written flat: ``{name: rlr, h: 2}``.
+
+    Subclasses name their registry (:meth:`registry`, imported lazily) and the section keys that are not
+    the component's parameters (``reserved``: key -> (type, default), e.g. a reward's ``on_nonfinite``).
+    Parsing checks the name and the parameters against the class (:meth:`Registry.check`) without
+    constructing it; :meth:`build` constructs it.
+    """
+
+    reserved: dict[str, tuple[Any, Any]] = {}
+
+    def __init__(self, name: str, params: dict | None = None, where: str = "", **options: Any) -> None:
+        self.name, self.where = name, where
+        self.params = self.registry().check(name, params or {}, where)
+        unknown = set(options) - set(self.reserved)
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}: not a section option of {type(self).__name__}")
+        self.options = {k: coerce(tp, options.get(k, default), f"{where}.{k}")
+                        for k, (tp, default) in self.reserved.items()}
+
+    @classmethod
+    def registry(cls):
+        raise NotImplementedError
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> "Component":
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping {{name: ..., <parameters>}}, got {value!r}")
+        data = dict(value)
+        if "name" not in data:
+            raise ConfigError(f"{where}.name: required; choose one of {cls.registry().names()}")
+        name = data.pop("name")
+        options = {k: data.pop(k) for k in list(data) if k in cls.reserved}
+        return cls(name, data, where, **options)
+
+    def build(self, **context: Any) -> Any:
+        """The component itself (``context``: extra constructor arguments that are not config, if any)."""
+        return self.registry().build(self.name, {**self.params, **context}, self.where)
+
+    def __getattr__(self, key: str) -> Any:  # reserved options read like fields: ``cfg.reward.on_nonfinite``
+        options = self.__dict__.get("options", {})
+        if key in options:
+            return options[key]
+        raise AttributeError(key)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **self.params, **self.options}
+
+    def __eq__(self, other: Any) -> bool:
+        return type(other) is type(self) and other.to_dict() == self.to_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.to_dict()!r})"
+
+
 def to_dict(obj: Any) -> Any:
     """Plain dict/list form of a config (for YAML dumps and MLflow params)."""
+    if isinstance(obj, Component):
+        return to_dict(obj.to_dict())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):

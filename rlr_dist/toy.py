@@ -206,9 +206,9 @@ def estimate(chain: _GroupedChain, estimator, reward, n_calls: int, m: int = 64,
     """
     from rlr_dist.chain.trajectory import sample
     from rlr_dist.estimators import Advantages, Batch
-    from rlr_dist.regularisers import make_regulariser
+    from rlr_dist.regularisers import REGULARISERS
 
-    reg = regulariser or make_regulariser("none")
+    reg = regulariser or REGULARISERS.build("none")
     adv = advantages or Advantages("loo")
     estimator.check(chain.schedule)
     G, D = chain.G, chain.D

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from rlr_dist.bench.memory import SavedTensorMeter, activation_memory
+from rlr_dist.bench.memory import activation_memory
+from rlr_dist.memory import SavedTensorMeter
 
 T = 8
 LATENT_BYTES = 1 * 4 * 16 * 16 * 4  # batch 1, float32

@@ -3,16 +3,16 @@ import pytest
 import torch
 
 from rlr_dist.chain.trajectory import sample
-from rlr_dist.estimators import Advantages, Batch, backward_terms, make_estimator
+from rlr_dist.estimators import ESTIMATORS, Advantages, Batch, backward_terms
 from rlr_dist.estimators.advantages import leave_one_out_mean
 from rlr_dist.estimators.rlr import RLR
-from rlr_dist.regularisers import make_regulariser
+from rlr_dist.regularisers import REGULARISERS
 from rlr_dist.toy import MLPChain, bump_reward
 
 
 def make_batch(est, chain=None, reg=None, adv=None, seed=0, m=16):
     chain = chain or MLPChain(T=8, G=1)
-    reg = reg or make_regulariser("none")
+    reg = reg or REGULARISERS.build("none")
     gen = torch.Generator().manual_seed(seed)
     plan = est.plan(chain.schedule, gen)
     x_T = torch.randn(m, 2, generator=gen, dtype=torch.float64)
@@ -27,7 +27,7 @@ def grad_of(est, b, chain):
 
 
 def test_ppo_first_epoch_equals_score_function_and_clips_later():
-    plain, ppo = make_estimator("lr"), make_estimator("lr", clip_range=0.1)
+    plain, ppo = ESTIMATORS.build("lr"), ESTIMATORS.build("lr", clip_range=0.1)
     chain, b = make_batch(ppo)
     g_plain, g_ppo = grad_of(plain, b, chain), grad_of(ppo, b, chain)
     torch.testing.assert_close(g_ppo, g_plain, rtol=1e-10, atol=1e-12)
@@ -38,7 +38,7 @@ def test_ppo_first_epoch_equals_score_function_and_clips_later():
 
 
 def test_reward_scale_multiplies_every_term_alike():
-    reg = make_regulariser("kl_exact", beta=0.3)
+    reg = REGULARISERS.build("kl_exact", beta=0.3)
     est = RLR(h=2)
     chain, b0 = make_batch(est, reg=reg, adv=Advantages("loo", "none"))
     _, b1 = make_batch(est, chain=chain, reg=reg, adv=Advantages("loo", "batch_std"))
@@ -54,7 +54,7 @@ def test_selective_recording_stores_only_planned_steps():
     assert set(b.traj.x) == set(p.states) and set(b.traj.eps) == set(p.noises)
     assert set(p.states) == {1, p.j + 1, *p.steps} and len(p.steps) == 2
     assert p.step_weight == pytest.approx((20 - 1 - 2) / 2)
-    _, b_all = make_batch(make_estimator("lr"), chain=chain)
+    _, b_all = make_batch(ESTIMATORS.build("lr"), chain=chain)
     assert b.traj.nbytes() < b_all.traj.nbytes() / 3
 
 
@@ -101,7 +101,7 @@ def test_spsa_restores_parameters():
 
 
 @pytest.mark.parametrize("factory,needle", [
-    (lambda: make_estimator("lr"), "steps [1]"),
+    (lambda: ESTIMATORS.build("lr"), "steps [1]"),
     (lambda: RLR(h=2, fo=False), "steps [1]"),
 ])
 def test_likelihood_ratio_on_deterministic_step_is_refused(factory, needle):
@@ -111,10 +111,10 @@ def test_likelihood_ratio_on_deterministic_step_is_refused(factory, needle):
 
 def test_lr_can_skip_deterministic_steps_and_says_so():
     chain = MLPChain(T=6, deterministic_last=True)
-    est = make_estimator("lr", deterministic="skip")
+    est = ESTIMATORS.build("lr", deterministic="skip")
     est.check(chain.schedule)  # no error: step 1 is left out
     assert est.plan(chain.schedule).steps == (2, 3, 4, 5, 6)
-    sampled = make_estimator("lr", K=2, deterministic="skip").plan(chain.schedule, torch.Generator().manual_seed(0))
+    sampled = ESTIMATORS.build("lr", K=2, deterministic="skip").plan(chain.schedule, torch.Generator().manual_seed(0))
     assert len(sampled.steps) == 2 and 1 not in sampled.steps and sampled.step_weight == 5 / 2
     _, b = make_batch(est, chain)
     names = [name for name, _ in est.terms(b)]
@@ -123,19 +123,21 @@ def test_lr_can_skip_deterministic_steps_and_says_so():
 
 def test_bad_estimator_input_names_the_field():
     with pytest.raises(ValueError, match="unknown estimator 'rlrr'.*full_bp"):
-        make_estimator("rlrr")
-    with pytest.raises(ValueError, match="estimator.h"):
-        RLR(h=0)
-    with pytest.raises(ValueError, match="estimator.j_range"):
+        ESTIMATORS.build("rlrr")
+    with pytest.raises(ValueError, match="^estimator.h: must be >= 1"):
+        ESTIMATORS.build("rlr", {"h": 0}, "estimator")
+    with pytest.raises(ValueError, match="^estimator.h: expected int, got 'two'"):
+        ESTIMATORS.build("rlr", {"h": "two"}, "estimator")
+    with pytest.raises(ValueError, match="^j_range: must be"):
         RLR(j_law="range", j_range=(5, 2))
     with pytest.raises(ValueError, match="K=9 exceeds"):
-        make_estimator("truncated_bp", K=9).check(MLPChain(T=6).schedule)
+        ESTIMATORS.build("truncated_bp", K=9).check(MLPChain(T=6).schedule)
     with pytest.raises(ValueError, match="no valid block start"):
         RLR(h=6).check(MLPChain(T=6).schedule)
     with pytest.raises(ValueError, match="unknown regulariser"):
-        make_regulariser("kl_exactt")
-    with pytest.raises(ValueError, match="regulariser.beta"):
-        make_regulariser("kl_exact", beta=-1)
+        REGULARISERS.build("kl_exactt")
+    with pytest.raises(ValueError, match="^regulariser.beta: must be >= 0"):
+        REGULARISERS.build("kl_exact", {"beta": -1}, "regulariser")
 
 
 def test_pathwise_estimators_need_the_reward_gradient():
@@ -148,24 +150,24 @@ def test_pathwise_estimators_need_the_reward_gradient():
 
 def test_spsa_refuses_dpok_mode():
     est = RLR(h=2, zo="spsa")
-    chain, b = make_batch(est, reg=make_regulariser("kl_dpok", beta=0.1))
+    chain, b = make_batch(est, reg=REGULARISERS.build("kl_dpok", beta=0.1))
     with pytest.raises(ValueError, match="exact"):
         list(est.terms(b))
 
 
 def test_truncated_bp_random_K_and_checkpointed_full_bp():
-    est = make_estimator("truncated_bp", k_min=2, k_max=5)
+    est = ESTIMATORS.build("truncated_bp", k_min=2, k_max=5)
     sched = MLPChain(T=8).schedule
     gen = torch.Generator().manual_seed(0)
     Ks = {est.plan(sched, gen).K for _ in range(200)}
     assert Ks == {2, 3, 4, 5}
     chain, b = make_batch(est)
     assert set(b.traj.x) == {b.traj.plan.K} and set(b.traj.eps) == set(range(1, b.traj.plan.K + 1))
-    full, full_ckpt = make_estimator("full_bp", checkpoint=False), make_estimator("full_bp", checkpoint=True)
-    chain, b = make_batch(full, reg=make_regulariser("kl_exact", beta=0.2))
+    full, full_ckpt = ESTIMATORS.build("full_bp", checkpoint=False), ESTIMATORS.build("full_bp", checkpoint=True)
+    chain, b = make_batch(full, reg=REGULARISERS.build("kl_exact", beta=0.2))
     torch.testing.assert_close(grad_of(full_ckpt, b, chain), grad_of(full, b, chain), rtol=1e-12, atol=1e-14)
     # with the exact KL the reference call of every step is checkpointed with it: only latents are held
-    from rlr_dist.bench.memory import SavedTensorMeter
+    from rlr_dist.memory import SavedTensorMeter
 
     peaks = {}
     for name, e in (("plain", full), ("ckpt", full_ckpt)):

@@ -10,9 +10,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rlr_dist.estimators import make_estimator
+from rlr_dist.estimators import ESTIMATORS
 from rlr_dist.estimators.rlr import RLR
-from rlr_dist.regularisers import make_regulariser
+from rlr_dist.regularisers import REGULARISERS
 from rlr_dist.toy import (LinearChain, MLPChain, bonferroni_threshold, bump_reward, call_means, estimate,
                           quadratic_reward, z_scores)
 
@@ -31,7 +31,7 @@ def exact_grad(beta=0.0, per_step=False, ref_noise=0.1):
 
 
 def max_z(name_or_est, truth, reg=None, chain=None, reward=None, per_step=False, seed=1, calls=CALLS, **kw):
-    est = name_or_est if not isinstance(name_or_est, str) else make_estimator(name_or_est, **kw)
+    est = name_or_est if not isinstance(name_or_est, str) else ESTIMATORS.build(name_or_est, **kw)
     ch = chain or LinearChain(T=T, G=G)
     out = estimate(ch, est, reward or quadratic_reward(TARGET), calls, m=M, regulariser=reg, seed=seed,
                    per_step=per_step)
@@ -83,8 +83,8 @@ def test_unbiased_against_exact_gradient(name, kw):
 
 
 NEGATIVE = [
-    ("fo_only", lambda: make_estimator("truncated_bp", K=1)),          # ablation V1
-    ("rlr_without_zo", lambda: make_estimator("rlr", h=2, zo="none")),  # ablation V2
+    ("fo_only", lambda: ESTIMATORS.build("truncated_bp", K=1)),          # ablation V1
+    ("rlr_without_zo", lambda: ESTIMATORS.build("rlr", h=2, zo="none")),  # ablation V2
     ("off_by_one_block", lambda: LiteralEq6RLR(h=2)),
 ]
 
@@ -110,10 +110,10 @@ def test_kl_exact_is_unbiased_and_dpok_is_not():
     beta = 0.5
     truth = exact_grad(beta, ref_noise=0.3)
     for name, kw in [("rlr", dict(h=2)), ("rlr", dict(h=3, zo="lr_sampled", K=1)), ("lr", {}), ("full_bp", {})]:
-        z, thr = max_z(name, truth, reg=make_regulariser("kl_exact", beta=beta),
+        z, thr = max_z(name, truth, reg=REGULARISERS.build("kl_exact", beta=beta),
                        chain=LinearChain(T=T, G=G, ref_noise=0.3), **kw)
         assert z < thr, f"{name} {kw} + kl_exact: max|z| = {z:.2f}"
-    z, thr = max_z("rlr", truth, reg=make_regulariser("kl_dpok", beta=beta),
+    z, thr = max_z("rlr", truth, reg=REGULARISERS.build("kl_dpok", beta=beta),
                    chain=LinearChain(T=T, G=G, ref_noise=0.3), h=2)
     assert z > thr, f"kl_dpok must be biased for the regularised objective, max|z| = {z:.2f}"
 
@@ -136,7 +136,7 @@ def test_softmax_j_law_is_unbiased_and_follows_the_norms():
 def mlp_reference():
     def ref(deterministic_last=False, reg=None):
         ch = MLPChain(T=T, G=100, deterministic_last=deterministic_last)
-        out = estimate(ch, make_estimator("full_bp"), bump_reward, 60, m=M, regulariser=reg, seed=99)
+        out = estimate(ch, ESTIMATORS.build("full_bp"), bump_reward, 60, m=M, regulariser=reg, seed=99)
         cm = call_means(out)
         return cm.mean(0), cm.std(0) / cm.shape[0] ** 0.5
 
@@ -157,7 +157,7 @@ def test_rlr_unbiased_on_mlp_chain(mlp_reference, det):
     for est in (RLR(h=2), RLR(h=3, zo="lr_sampled", K=1)):
         z, thr = mlp_max_z(est, ref, det)
         assert z < thr, f"{est.describe()} det={det}: max|z| = {z:.2f}"
-    z, thr = mlp_max_z(make_estimator("truncated_bp", K=1), ref, det)
+    z, thr = mlp_max_z(ESTIMATORS.build("truncated_bp", K=1), ref, det)
     assert z > thr
 
 
@@ -179,7 +179,7 @@ def test_f_regularisers_unbiased_against_full_backprop(mlp_reference, label, cfg
     """RLR with a step-wise or surrogate-reward f-divergence matches full backprop of the same objective
     (λ fixed, so the surrogate reward is a fixed transform)."""
     cfg = dict(cfg)
-    reg = make_regulariser(cfg.pop("name"), **cfg)
+    reg = REGULARISERS.build(cfg.pop("name"), **cfg)
     z, thr = mlp_max_z(RLR(h=2), mlp_reference(reg=reg), reg=reg)
     assert z < thr, f"{label}: max|z| = {z:.2f}"
 
@@ -188,9 +188,9 @@ def test_f_regulariser_negative_controls(mlp_reference):
     """Explicit-only (DPOK-style) step-wise Amari, and plain KL in place of the forward-KL surrogate,
     must both be rejected against the regularised objective's full-backprop gradient."""
     amari = dict(beta=0.3, divergence="amari", alpha=0.5)
-    ref = mlp_reference(reg=make_regulariser("stepwise", **amari))
-    z, thr = mlp_max_z(RLR(h=2), ref, reg=make_regulariser("stepwise", shaping=False, **amari))
+    ref = mlp_reference(reg=REGULARISERS.build("stepwise", **amari))
+    z, thr = mlp_max_z(RLR(h=2), ref, reg=REGULARISERS.build("stepwise", shaping=False, **amari))
     assert z > thr, f"explicit-only amari max|z| = {z:.2f}"
-    ref = mlp_reference(reg=make_regulariser("fdiv", beta=0.5, f="forward_kl", lam=2.0))
-    z, thr = mlp_max_z(RLR(h=2), ref, reg=make_regulariser("kl_exact", beta=0.5))
+    ref = mlp_reference(reg=REGULARISERS.build("fdiv", beta=0.5, f="forward_kl", lam=2.0))
+    z, thr = mlp_max_z(RLR(h=2), ref, reg=REGULARISERS.build("kl_exact", beta=0.5))
     assert z > thr, f"kl_exact in place of forward-KL surrogate max|z| = {z:.2f}"

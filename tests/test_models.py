@@ -8,11 +8,11 @@ from diffusers import DDIMScheduler
 
 from rlr_dist.chain.trajectory import Plan, sample
 from rlr_dist.config import ConfigError
-from rlr_dist.estimators import make_estimator
+from rlr_dist.estimators import ESTIMATORS
 from rlr_dist.estimators.base import Batch, backward_terms
 from rlr_dist.models import ModelError, load_model
 from rlr_dist.models.tiny import TINY_LAYOUTS, build_tiny
-from rlr_dist.regularisers import make_regulariser
+from rlr_dist.regularisers import REGULARISERS
 from rlr_dist.rewards.base import Reward, RewardScorer
 
 T = 4
@@ -92,7 +92,7 @@ def _snapshot(m):
 @pytest.mark.parametrize("layout", TINY_LAYOUTS)
 def test_one_rlr_step_changes_trainable_weights_only(tiny, layout, finetune):
     m = _load(tiny, layout, finetune=finetune)
-    chain, est = m.chain(), make_estimator("rlr", h=1)
+    chain, est = m.chain(), ESTIMATORS.build("rlr", h=1)
     cond = m.encode_prompts(PROMPTS[layout])
     x_T = m.initial_noise(2, torch.Generator().manual_seed(3))
     plan = est.plan(chain.schedule, torch.Generator().manual_seed(4))
@@ -109,7 +109,7 @@ def test_one_rlr_step_changes_trainable_weights_only(tiny, layout, finetune):
     names = {id(p): n for n, p in m.unet.named_parameters()}
     opt = torch.optim.Adam(m.trainable_parameters(), lr=1e-2)
     opt.zero_grad()
-    batch = Batch(traj=traj, chain=chain, reward=R, reward_grad=dR, regulariser=make_regulariser("kl_exact", beta=0.1))
+    batch = Batch(traj=traj, chain=chain, reward=R, reward_grad=dR, regulariser=REGULARISERS.build("kl_exact", beta=0.1))
     stats = backward_terms(est.terms(batch))
     assert {"loss/fo", "loss/ho"} <= set(stats)
     grads = [p.grad for p in m.trainable_parameters() if p.grad is not None]

@@ -7,12 +7,16 @@ import torch
 
 from rlr_dist import storage
 from rlr_dist.config import ConfigError
-from rlr_dist.rewards import (REWARDS, Reward, RewardConfig, RewardError, RewardScorer, apply_reward,
-                              build_reward, build_scorer, make_reward)
+from rlr_dist.rewards import REWARDS, Reward, RewardError, RewardScorer, RewardSpec, apply_reward, build_scorer
 from rlr_dist.rewards.aesthetic import AestheticHead
 from rlr_dist.rewards.video import frame_indices, temporal_consistency
 
 IDENT = lambda x: x  # noqa: E731  (decoder: samples already in [0, 1])
+
+
+def build_reward(section):
+    """The reward a config section describes (as the trainer builds it)."""
+    return RewardSpec.parse(section, "reward").build()
 
 
 def _rand(*shape, seed=0):
@@ -60,41 +64,41 @@ def test_jpeg_flat_is_more_compressible_than_noise(C):
     flat = torch.full((1, C, 64, 64), 0.4)
     noise = _rand(1, C, 64, 64)
     x = torch.cat([flat, noise])
-    comp = make_reward("jpeg_compressibility", quality=90)
-    inc = make_reward("jpeg_incompressibility", quality=90)
+    comp = REWARDS.build("jpeg_compressibility", quality=90)
+    inc = REWARDS.build("jpeg_incompressibility", quality=90)
     Rc, g = RewardScorer(comp, IDENT).score(x)
     assert g is None and Rc.shape == (2,) and Rc[0] > Rc[1]
     assert Rc[1] < -1.0  # 64×64 noise does not fit in 1 kB
     Ri, _ = RewardScorer(inc, IDENT).score(x)
     torch.testing.assert_close(Ri, -Rc)
     # lower quality -> smaller files
-    assert make_reward("jpeg_incompressibility", quality=10)(noise) < Ri[1]
+    assert REWARDS.build("jpeg_incompressibility", quality=10)(noise) < Ri[1]
 
 
 def test_jpeg_errors_name_the_reward():
-    comp = make_reward("jpeg_compressibility")
+    comp = REWARDS.build("jpeg_compressibility")
     with pytest.raises(RewardError, match="'jpeg_compressibility' is not differentiable"):
         RewardScorer(comp, IDENT).score(_rand(2, 3, 8, 8), need_grad=True)
     with pytest.raises(RewardError, match="jpeg_compressibility.*1 or 3"):
         RewardScorer(comp, IDENT).score(_rand(2, 4, 8, 8))
-    with pytest.raises(RewardError, match="jpeg_compressibility.*quality"):
-        make_reward("jpeg_compressibility", quality=0)
+    with pytest.raises(ConfigError, match="quality: must be an int in"):
+        REWARDS.build("jpeg_compressibility", quality=0)
 
 
 def test_brightness_gradient_is_uniform():
     B, C, H, W = 3, 3, 5, 7
     x = _rand(B, C, H, W)
-    R, g = RewardScorer(make_reward("brightness"), IDENT).score(x, need_grad=True)
+    R, g = RewardScorer(REWARDS.build("brightness"), IDENT).score(x, need_grad=True)
     torch.testing.assert_close(R, x.flatten(1).mean(1))
     torch.testing.assert_close(g, torch.full_like(x, 1 / (C * H * W)))
     # through the default decoder (x/2 + 0.5, inside the clamp) the chain rule halves it
-    _, g2 = RewardScorer(make_reward("brightness")).score(x * 1.8 - 0.9, need_grad=True)
+    _, g2 = RewardScorer(REWARDS.build("brightness")).score(x * 1.8 - 0.9, need_grad=True)
     torch.testing.assert_close(g2, torch.full_like(x, 0.5 / (C * H * W)))
 
 
 def test_contrast_value_and_flat_image_gradient():
     x = torch.cat([_rand(1, 3, 8, 8), torch.full((1, 3, 8, 8), 0.3)])
-    R, g = RewardScorer(make_reward("contrast"), IDENT).score(x, need_grad=True)
+    R, g = RewardScorer(REWARDS.build("contrast"), IDENT).score(x, need_grad=True)
     torch.testing.assert_close(R[0], x[0].std(correction=0))
     assert R[1] < 1e-5 and torch.isfinite(g).all() and g[1].abs().max() == 0
     assert g[0].abs().sum() > 0
@@ -106,7 +110,7 @@ def test_contrast_value_and_flat_image_gradient():
 def test_image_reward_on_video_is_frame_mean_with_prompts_repeated():
     B, C, F, H, W = 2, 3, 4, 6, 6
     v = _rand(B, C, F, H, W)
-    R, g = RewardScorer(make_reward("contrast"), IDENT).score(v, need_grad=True)
+    R, g = RewardScorer(REWARDS.build("contrast"), IDENT).score(v, need_grad=True)
     manual = torch.stack([torch.stack([v[b, :, f].std(correction=0) for f in range(F)]).mean() for b in range(B)])
     torch.testing.assert_close(R, manual)
     assert g.shape == v.shape
@@ -117,9 +121,9 @@ def test_image_reward_on_video_is_frame_mean_with_prompts_repeated():
 
 def test_video_reward_on_images_raises_naming_it():
     with pytest.raises(RewardError, match="'temporal_consistency' scores video"):
-        RewardScorer(make_reward("temporal_consistency"), IDENT).score(_rand(2, 3, 8, 8))
+        RewardScorer(REWARDS.build("temporal_consistency"), IDENT).score(_rand(2, 3, 8, 8))
     with pytest.raises(RewardError, match="'brightness'.*got shape \\(2, 8\\)"):
-        apply_reward(make_reward("brightness"), _rand(2, 8))
+        apply_reward(REWARDS.build("brightness"), _rand(2, 8))
 
 
 def test_temporal_consistency_static_flicker_and_gradient():
@@ -128,7 +132,7 @@ def test_temporal_consistency_static_flicker_and_gradient():
     flicker = torch.cat([frame, 1 - frame] * 3, dim=2)[:, :, :5]
     drift = torch.cat([frame * (1 - 0.05 * f) for f in range(5)], dim=2)
     v = torch.cat([static, flicker, drift])
-    R, g = RewardScorer(make_reward("temporal_consistency"), IDENT).score(v, need_grad=True)
+    R, g = RewardScorer(REWARDS.build("temporal_consistency"), IDENT).score(v, need_grad=True)
     assert R[0] == 0 and R[1] < R[2] < 0
     torch.testing.assert_close(R[1], -((1 - 2 * frame) ** 2).mean())
     assert g[0].abs().max() == 0 and g[1].abs().sum() > 0
@@ -147,21 +151,21 @@ def test_video_frames_subsampling_aggregation_and_temporal_term():
     v = _rand(2, 3, 7, 6, 6)
     bright = v.mean(dim=(1, 3, 4))  # (B, F)
     spec = {"name": "brightness"}
-    r = make_reward("video_frames", reward=spec, num_frames=3)
+    r = REWARDS.build("video_frames", reward=spec, num_frames=3)
     assert r.differentiable and r.modality == "video"
     torch.testing.assert_close(apply_reward(r, v), bright[:, [0, 3, 6]].mean(1))
-    r = make_reward("video_frames", reward=spec, frame_stride=2, aggregate="min", temporal_weight=0.5)
+    r = REWARDS.build("video_frames", reward=spec, frame_stride=2, aggregate="min", temporal_weight=0.5)
     torch.testing.assert_close(apply_reward(r, v), bright[:, [0, 2, 4, 6]].min(1).values + 0.5 * temporal_consistency(v))
     R, g = RewardScorer(r, IDENT).score(v, need_grad=True)
     assert g[:, :, 1].abs().sum() > 0  # an unscored frame still gets gradient from the temporal term
-    jpeg = make_reward("video_frames", reward={"name": "jpeg_compressibility", "params": {"quality": 50}})
+    jpeg = REWARDS.build("video_frames", reward={"name": "jpeg_compressibility", "quality": 50})
     assert not jpeg.differentiable and apply_reward(jpeg, v).shape == (2,)
-    with pytest.raises(RewardError, match="'video_frames'.*frame_stride.*not both"):
-        make_reward("video_frames", reward=spec, num_frames=2, frame_stride=2)
-    with pytest.raises(RewardError, match="'video_frames'.*'reward'.*per-frame"):
-        make_reward("video_frames", reward={"name": "temporal_consistency"})
-    with pytest.raises(RewardError, match="'video_frames'.*'reward.params.quality'.*jpeg_compressibility"):
-        make_reward("video_frames", reward={"name": "jpeg_compressibility", "params": {"quality": 101}})
+    with pytest.raises(ConfigError, match="^frame_stride: give num_frames or frame_stride, not both"):
+        REWARDS.build("video_frames", reward=spec, num_frames=2, frame_stride=2)
+    with pytest.raises(ConfigError, match="^reward: 'temporal_consistency' scores whole videos.*per-frame"):
+        REWARDS.build("video_frames", reward={"name": "temporal_consistency"})
+    with pytest.raises(ConfigError, match=r"^reward\.quality: must be an int in \[1, 100\], got 101"):
+        REWARDS.build("video_frames", reward={"name": "jpeg_compressibility", "quality": 101})
 
 
 def test_scorer_decodes_only_the_frames_a_video_reward_reads():
@@ -172,7 +176,7 @@ def test_scorer_decodes_only_the_frames_a_video_reward_reads():
         return torch.sigmoid(x)
 
     v = _rand(2, 3, 8, 5, 5) * 4 - 2
-    sub = make_reward("video_frames", reward={"name": "contrast"}, frame_stride=3)  # frames 0, 3, 6
+    sub = REWARDS.build("video_frames", reward={"name": "contrast"}, frame_stride=3)  # frames 0, 3, 6
     assert sub.frames(8) == [0, 3, 6]
     R, g = RewardScorer(sub, decoder).score(v, need_grad=True)
     assert decoded == [3]
@@ -185,11 +189,11 @@ def test_scorer_decodes_only_the_frames_a_video_reward_reads():
     assert g[:, :, [1, 2, 4, 5, 7]].abs().sum() == 0 and g[:, :, [0, 3, 6]].abs().sum() > 0
     # a temporal term reads every frame; a weighted sum reads the union of its parts' frames
     decoded.clear()
-    RewardScorer(make_reward("video_frames", reward={"name": "contrast"}, num_frames=2, temporal_weight=0.1),
+    RewardScorer(REWARDS.build("video_frames", reward={"name": "contrast"}, num_frames=2, temporal_weight=0.1),
                  decoder).score(v)
-    both = make_reward("weighted_sum", parts=[
-        {"name": "video_frames", "params": {"reward": {"name": "contrast"}, "num_frames": 2}},
-        {"name": "video_frames", "params": {"reward": {"name": "brightness"}, "frame_stride": 4}}])
+    both = REWARDS.build("weighted_sum", parts=[
+        {"name": "video_frames", "reward": {"name": "contrast"}, "num_frames": 2},
+        {"name": "video_frames", "reward": {"name": "brightness"}, "frame_stride": 4}])
     assert both.frames(8) == [0, 4, 7]
     RewardScorer(both, decoder).score(v)
     assert decoded == [8, 3]
@@ -200,20 +204,20 @@ def test_scorer_decodes_only_the_frames_a_video_reward_reads():
 
 def test_weighted_sum_values_and_gradients():
     x = _rand(3, 3, 8, 8)
-    parts = [{"name": "brightness", "weight": 2.0}, {"name": "contrast", "weight": -0.5, "params": {"eps": 1e-10}}]
-    ws = make_reward("weighted_sum", parts=parts)
+    parts = [{"name": "brightness", "weight": 2.0}, {"name": "contrast", "weight": -0.5, "eps": 1e-10}]
+    ws = REWARDS.build("weighted_sum", parts=parts)
     assert ws.differentiable and ws.modality == "image"
     R, g = RewardScorer(ws, IDENT).score(x, need_grad=True)
-    Rb, gb = RewardScorer(make_reward("brightness"), IDENT).score(x, need_grad=True)
-    Rc, gc = RewardScorer(make_reward("contrast", eps=1e-10), IDENT).score(x, need_grad=True)
+    Rb, gb = RewardScorer(REWARDS.build("brightness"), IDENT).score(x, need_grad=True)
+    Rc, gc = RewardScorer(REWARDS.build("contrast", eps=1e-10), IDENT).score(x, need_grad=True)
     torch.testing.assert_close(R, 2 * Rb - 0.5 * Rc)
     torch.testing.assert_close(g, 2 * gb - 0.5 * gc)
     # mixed with a black-box part: not differentiable; mixed with a video part: video
-    mixed = make_reward("weighted_sum", parts=parts + [{"name": "jpeg_compressibility", "weight": 0.1}])
+    mixed = REWARDS.build("weighted_sum", parts=parts + [{"name": "jpeg_compressibility", "weight": 0.1}])
     assert not mixed.differentiable
     with pytest.raises(RewardError, match="'weighted_sum' is not differentiable"):
         RewardScorer(mixed, IDENT).score(x, need_grad=True)
-    vid = make_reward("weighted_sum", parts=[{"name": "brightness"}, {"name": "temporal_consistency", "weight": 3}])
+    vid = REWARDS.build("weighted_sum", parts=[{"name": "brightness"}, {"name": "temporal_consistency", "weight": 3}])
     assert vid.modality == "video"
     v = _rand(2, 3, 4, 6, 6)
     torch.testing.assert_close(apply_reward(vid, v), v.flatten(1).mean(1) + 3 * temporal_consistency(v))
@@ -223,24 +227,24 @@ def test_weighted_sum_values_and_gradients():
 
 def test_part_errors_name_the_part(test_rewards):
     x = _rand(3, 3, 4, 4)
-    bad = make_reward("weighted_sum", parts=[{"name": "brightness"}, {"name": "_test_nan"}])
+    bad = REWARDS.build("weighted_sum", parts=[{"name": "brightness"}, {"name": "_test_nan"}])
     with pytest.raises(RewardError, match=r"weighted_sum.parts\[1\] \(_test_nan\).*non-finite.*\[1\]"):
         RewardScorer(bad, IDENT).score(x)
-    bad = make_reward("weighted_sum", parts=[{"name": "_test_shape"}, {"name": "brightness"}])
+    bad = REWARDS.build("weighted_sum", parts=[{"name": "_test_shape"}, {"name": "brightness"}])
     with pytest.raises(RewardError, match=r"weighted_sum.parts\[0\] \(_test_shape\).*shape \(3, 1\)"):
         RewardScorer(bad, IDENT).score(x)
-    with pytest.raises(RewardError, match=r"'weighted_sum'.*'parts\[0\].weight'"):
-        make_reward("weighted_sum", parts=[{"name": "brightness", "weight": float("nan")}])
-    with pytest.raises(RewardError, match=r"'weighted_sum'.*'parts\[0\].wieght'.*unknown key"):
-        make_reward("weighted_sum", parts=[{"name": "brightness", "wieght": 1.0}])
+    with pytest.raises(ConfigError, match=r"^parts\[0\].weight: expected a finite number"):
+        REWARDS.build("weighted_sum", parts=[{"name": "brightness", "weight": float("nan")}])
+    with pytest.raises(ConfigError, match=r"^parts\[0\].wieght: unknown parameter of reward 'brightness'"):
+        REWARDS.build("weighted_sum", parts=[{"name": "brightness", "wieght": 1.0}])
 
 
 def test_scorer_nonfinite_fail_and_drop(test_rewards):
     x = _rand(3, 3, 4, 4)
     with pytest.raises(RewardError, match="'_test_nan' returned non-finite.*\\[1\\]"):
-        RewardScorer(make_reward("_test_nan"), IDENT).score(x, need_grad=True)
+        RewardScorer(REWARDS.build("_test_nan"), IDENT).score(x, need_grad=True)
     with pytest.raises(RewardError, match="'_test_shape' returned shape \\(3, 1\\)"):
-        RewardScorer(make_reward("_test_shape"), IDENT).score(x)
+        RewardScorer(REWARDS.build("_test_shape"), IDENT).score(x)
     scorer = build_scorer({"name": "_test_nan", "on_nonfinite": "drop"}, IDENT)
     R, g, keep = scorer.score_keep(x, need_grad=True)
     assert keep.tolist() == [True, False, True] and R[1] == 0 and g[1].abs().max() == 0
@@ -257,23 +261,24 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"^reward.name: unknown reward 'nope'.*brightness"):
         build_reward({"name": "nope"})
     with pytest.raises(ConfigError, match=r"^reward.name: required"):
-        build_reward({"params": {}})
-    with pytest.raises(ConfigError, match=r"^reward.params.quality: reward 'jpeg_compressibility'"):
-        build_reward({"name": "jpeg_compressibility", "params": {"quality": "high"}})
-    with pytest.raises(ConfigError, match=r"^reward.params.qualty: .*unknown parameter.*\['quality'\]"):
-        build_reward({"name": "jpeg_compressibility", "params": {"qualty": 50}})
-    with pytest.raises(ConfigError, match=r"^reward.params.x: .*unknown parameter; 'brightness' takes \[\]"):
-        build_reward({"name": "brightness", "params": {"x": 1}})
-    with pytest.raises(ConfigError, match=r"^reward.params.parts\[1\].params.qualty: reward 'weighted_sum'"):
-        build_reward({"name": "weighted_sum", "params": {"parts": [
-            {"name": "brightness"}, {"name": "jpeg_compressibility", "params": {"qualty": 5}}]}})
-    with pytest.raises(ConfigError, match=r"^reward.params.parts\[0\].name: .*unknown reward 'brightnes'"):
-        build_reward({"name": "weighted_sum", "params": {"parts": [{"name": "brightnes"}]}})
-    with pytest.raises(ConfigError, match=r"^reward.params.clip: reward 'aesthetic': required"):
-        build_reward({"name": "aesthetic", "params": {"head": "x.pth"}})
+        build_reward({"quality": 3})
+    with pytest.raises(ConfigError, match=r"^reward.quality: expected int, got 'high'"):
+        build_reward({"name": "jpeg_compressibility", "quality": "high"})
+    with pytest.raises(ConfigError, match=r"^reward.qualty: unknown parameter of reward 'jpeg_compressibility'.*\['quality'\]"):
+        build_reward({"name": "jpeg_compressibility", "qualty": 50})
+    with pytest.raises(ConfigError, match=r"^reward.x: unknown parameter of reward 'brightness'; it takes \[\]"):
+        build_reward({"name": "brightness", "x": 1})
+    with pytest.raises(ConfigError, match=r"^reward.params: unknown parameter.*parameters go beside the name"):
+        build_reward({"name": "jpeg_compressibility", "params": {"quality": 5}})  # the old nested shape
+    with pytest.raises(ConfigError, match=r"^reward.parts\[1\].qualty: unknown parameter of reward 'jpeg_compressibility'"):
+        build_reward({"name": "weighted_sum", "parts": [{"name": "brightness"}, {"name": "jpeg_compressibility", "qualty": 5}]})
+    with pytest.raises(ConfigError, match=r"^reward.parts\[0\].name: unknown reward 'brightnes'"):
+        build_reward({"name": "weighted_sum", "parts": [{"name": "brightnes"}]})
+    with pytest.raises(ConfigError, match=r"^reward.clip: required parameter of reward 'aesthetic' is missing"):
+        build_reward({"name": "aesthetic", "head": "x.pth"})
     with pytest.raises(ConfigError, match=r"^reward.on_nonfinite"):
         build_reward({"name": "brightness", "on_nonfinite": "ignore"})
-    r = build_reward(RewardConfig(name="jpeg_incompressibility", params={"quality": 80}))
+    r = build_reward({"name": "jpeg_incompressibility", "quality": 80})
     assert r.quality == 80 and r.name == "jpeg_incompressibility"
 
 
@@ -315,14 +320,14 @@ def _check_aesthetic(r, x):
 
 def test_aesthetic_local(tiny_aesthetic):
     root = tiny_aesthetic
-    r = make_reward("aesthetic", clip=str(root / "clip"), head=str(root / "head.pth"))
+    r = REWARDS.build("aesthetic", clip=str(root / "clip"), head=str(root / "head.pth"))
     assert sorted(r.head.state_dict())[0] == "layers.0.bias" and "layers.7.weight" in r.head.state_dict()
     x = _rand(3, 3, 48, 40)
     R = _check_aesthetic(r, x)
     r.train()  # a parent switching to train mode must not turn dropout on
     torch.testing.assert_close(RewardScorer(r, IDENT).score(x)[0], R, rtol=0, atol=0)
     # safetensors head gives the same scores; grey images are scored like their RGB copy
-    r2 = make_reward("aesthetic", clip=str(root / "clip"), head=str(root / "head.safetensors"))
+    r2 = REWARDS.build("aesthetic", clip=str(root / "clip"), head=str(root / "head.safetensors"))
     torch.testing.assert_close(r2(x), R)
     grey = _rand(2, 1, 32, 32)
     torch.testing.assert_close(r(grey), r(grey.expand(-1, 3, -1, -1)))
@@ -336,18 +341,18 @@ def test_aesthetic_local(tiny_aesthetic):
 def test_aesthetic_errors_name_the_file(tiny_aesthetic, tmp_path):
     root = tiny_aesthetic
     clip = str(root / "clip")
-    with pytest.raises(RewardError, match="head24.pth.*24-dim.*projection_dim 16"):
-        make_reward("aesthetic", clip=clip, head=str(root / "head24.pth"))
-    with pytest.raises(RewardError, match="missing-head.pth"):
-        make_reward("aesthetic", clip=clip, head=str(tmp_path / "missing-head.pth"))
-    with pytest.raises(RewardError, match="no-clip-here"):
-        make_reward("aesthetic", clip=str(tmp_path / "no-clip-here"), head=str(root / "head.pth"))
+    with pytest.raises(ConfigError, match="head24.pth.*24-dim.*projection_dim 16"):
+        REWARDS.build("aesthetic", clip=clip, head=str(root / "head24.pth"))
+    with pytest.raises(ConfigError, match="missing-head.pth"):
+        REWARDS.build("aesthetic", clip=clip, head=str(tmp_path / "missing-head.pth"))
+    with pytest.raises(ConfigError, match="no-clip-here"):
+        REWARDS.build("aesthetic", clip=str(tmp_path / "no-clip-here"), head=str(root / "head.pth"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RewardError, match="empty.*config.json"):
-        make_reward("aesthetic", clip=str(tmp_path / "empty"), head=str(root / "head.pth"))
+    with pytest.raises(ConfigError, match="empty.*config.json"):
+        REWARDS.build("aesthetic", clip=str(tmp_path / "empty"), head=str(root / "head.pth"))
     torch.save({"w": torch.zeros(3)}, tmp_path / "odd.pth")
-    with pytest.raises(RewardError, match="odd.pth.*layers.0.weight"):
-        make_reward("aesthetic", clip=clip, head=str(tmp_path / "odd.pth"))
+    with pytest.raises(ConfigError, match="odd.pth.*layers.0.weight"):
+        REWARDS.build("aesthetic", clip=clip, head=str(tmp_path / "odd.pth"))
 
 
 def test_aesthetic_s3_round_trip(tiny_aesthetic, s3_server):
@@ -357,15 +362,15 @@ def test_aesthetic_s3_round_trip(tiny_aesthetic, s3_server):
     storage.put(root / "clip", f"{s3_server}/rewards/clip")
     boto3.client("s3").upload_file(str(root / "head.pth"), "rlr-test", "rewards/heads/head.pth")
     x = _rand(2, 3, 32, 32)
-    local = make_reward("aesthetic", clip=str(root / "clip"), head=str(root / "head.pth"))
-    remote = build_reward({"name": "aesthetic", "params": {
-        "clip": f"{s3_server}/rewards/clip", "head": f"{s3_server}/rewards/heads/head.pth"}})
+    local = REWARDS.build("aesthetic", clip=str(root / "clip"), head=str(root / "head.pth"))
+    remote = build_reward({"name": "aesthetic", "clip": f"{s3_server}/rewards/clip",
+                           "head": f"{s3_server}/rewards/heads/head.pth"})
     torch.testing.assert_close(_check_aesthetic(remote, x), local(x))
-    with pytest.raises(RewardError, match="rewards/heads/nope.pth"):
-        make_reward("aesthetic", clip=f"{s3_server}/rewards/clip", head=f"{s3_server}/rewards/heads/nope.pth")
+    with pytest.raises(ConfigError, match="rewards/heads/nope.pth"):
+        REWARDS.build("aesthetic", clip=f"{s3_server}/rewards/clip", head=f"{s3_server}/rewards/heads/nope.pth")
     # inside a weighted sum (trained as part of a bigger module) it stays frozen and deterministic
-    ws = make_reward("weighted_sum", parts=[{"name": "aesthetic", "weight": 2.0, "params": {
-        "clip": f"{s3_server}/rewards/clip", "head": f"{s3_server}/rewards/heads/head.pth"}}])
+    ws = REWARDS.build("weighted_sum", parts=[{"name": "aesthetic", "weight": 2.0, "clip": f"{s3_server}/rewards/clip",
+                                               "head": f"{s3_server}/rewards/heads/head.pth"}])
     ws.train()
     torch.testing.assert_close(ws(x), 2 * local(x))
     assert math.isfinite(float(ws(x).sum()))

@@ -28,7 +28,7 @@ def _quiet(msg: str) -> None:
 
 
 def test_short_digits_pretrain_is_recognised_by_the_evaluator(tmp_path):
-    from rlr_dist.rewards.digits import evaluate_digits
+    from rlr_dist.toy_world.rewards import evaluate_digits
 
     out = tmp_path / "digits"
     rec = pretrain_model("digits", out, steps=SHORT_RUN_STEPS, seed=0, batch=64, log=_quiet,
@@ -44,7 +44,7 @@ def test_short_digits_pretrain_is_recognised_by_the_evaluator(tmp_path):
 
 
 def test_shipped_checkpoints_load_and_reach_the_documented_accuracy():
-    from rlr_dist.rewards.digits import evaluate_digits
+    from rlr_dist.toy_world.rewards import evaluate_digits
 
     for name in ASSETS:
         verify_manifest(asset_path(name), name)
@@ -65,8 +65,8 @@ def test_shipped_checkpoints_load_and_reach_the_documented_accuracy():
 
 
 def test_classifier_and_evaluator_recognise_sklearn_digits_and_give_rewards():
-    from rlr_dist.rewards.base import make_reward
-    from rlr_dist.rewards.digits import evaluate_digits  # noqa: F401  (registers the rewards)
+    from rlr_dist.rewards import REWARDS
+    from rlr_dist.toy_world.rewards import evaluate_digits
     from rlr_dist.toy_world.classifiers import accuracy, load_classifier
     from rlr_dist.toy_world.data import digits_16, place
 
@@ -79,7 +79,7 @@ def test_classifier_and_evaluator_recognise_sklearn_digits_and_give_rewards():
     wide = place(xt, torch.arange(len(xt)) % 9)
     assert accuracy(cl, to01(wide), yt) > 0.9 and accuracy(ev, to01(wide), yt) > EVALUATOR_SKLEARN_THRESHOLD - 0.05
     # rewards: differentiable, (B,), higher for real threes; video scored per frame
-    r = make_reward("digit_logprob", target=3)
+    r = REWARDS.build("digit_logprob", target=3)
     assert r.differentiable and r.modality == "image"
     threes, others = to01(xt[yt == 3][:16]), to01(xt[yt != 3][:16])
     img = threes.clone().requires_grad_(True)
@@ -89,12 +89,17 @@ def test_classifier_and_evaluator_recognise_sklearn_digits_and_give_rewards():
     assert img.grad is not None and img.grad.abs().sum() > 0
     with torch.no_grad():
         assert r(threes).mean() > r(others).mean() + 3
-        e = make_reward("digit_evaluator", target=3)
+        e = REWARDS.build("digit_evaluator", target=3)
         assert e(threes).mean() > e(others).mean() + 2
         video = to01(place(xt[:4], torch.zeros(4, dtype=torch.long)))[:, :, None].expand(4, 1, 8, 16, 24)
         assert r(video).shape == (4,)
     rep = evaluate_digits(threes, 3)
     assert rep["frac_target"] > 0.8 and sum(rep["counts"]) == 16 and 0 <= rep["entropy_bits"] <= 3.33
+    # the held-out hit rate as an evaluation reward: its report numbers come with it
+    hit = REWARDS.build("digit_evaluator_hit", target=3)
+    mixed = torch.cat([threes[:8], others[:8]])
+    extra = hit.eval_metrics(mixed)
+    assert extra["class_entropy"] > rep["entropy_bits"] and extra["logp_target"] < rep["mean_logp_target"]
 
 
 def test_short_moving_digits_pretrain_writes_a_valid_folder(tmp_path):
@@ -128,8 +133,8 @@ def test_moving_digits_data_moves_one_pixel_per_frame():
 
 
 def test_digit_reward_rejects_a_bad_target():
-    from rlr_dist.rewards.base import RewardParamError, make_reward
-    from rlr_dist.rewards.digits import DigitLogProb  # noqa: F401  (registers the rewards)
+    from rlr_dist.config import ConfigError
+    from rlr_dist.rewards import REWARDS
 
-    with pytest.raises(RewardParamError, match="target"):
-        make_reward("digit_logprob", target=12)
+    with pytest.raises(ConfigError, match="^reward.target: must be a digit 0..9"):
+        REWARDS.check("digit_logprob", {"target": 12}, "reward")  # before any weights load

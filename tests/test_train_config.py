@@ -21,7 +21,7 @@ def test_every_job_config_validates(path):
 
 def test_overrides_and_show(capsys):
     cfg = load_config(DIGITS, ["--estimator.h=3", "--optim.lr=1e-4", "--cluster.samplers.count=3"])
-    assert cfg.estimator["h"] == 3 and cfg.optim.lr == 1e-4 and cfg.cluster.samplers.count == 3
+    assert cfg.estimator.params["h"] == 3 and cfg.optim.lr == 1e-4 and cfg.cluster.samplers.count == 3
     assert main(["config", "show", str(DIGITS), "--estimator.h=4"]) == 0
     assert "h: 4" in capsys.readouterr().out
 
@@ -34,7 +34,11 @@ def test_overrides_and_show(capsys):
     ("--train.iterations=0", "train.iterations"),
     ("--deepspeed.zero_stage=5", "deepspeed.zero_stage"),
     ("--model.finetune=lora --deepspeed.zero_stage=3", "deepspeed.zero_stage"),
-    ("--reward.name=jpeg_compressibility", "reward.name"),  # rlr's FO term needs a differentiable reward
+    ("--reward.name=jpeg_compressibility", "reward.target"),  # jpeg takes no target
+    ("--reward=name:_jpeg", "reward"),  # not a mapping
+    ("--reward.target=11", "reward.target"),  # a value the reward refuses, before any weights load
+    ("--estimator.h=two", "estimator.h"),
+    ("--regulariser.beta=abc", "regulariser.beta"),
     ("--bogus=1", "bogus"),
 ])
 def test_bad_values_name_the_field(override, field, capsys):
@@ -42,3 +46,10 @@ def test_bad_values_name_the_field(override, field, capsys):
         load_config(DIGITS, override.split())
     assert main(["config", "show", str(DIGITS), *override.split()]) == 2
     assert field in capsys.readouterr().err
+
+
+def test_a_black_box_reward_is_refused_for_an_estimator_that_needs_its_gradient():
+    with pytest.raises(ConfigError, match="^reward.name: 'jpeg_compressibility' is not differentiable"):
+        load_config(DIGITS, ["--reward={name: jpeg_compressibility}"])  # rlr's FO term needs ∂R/∂x_0
+    assert load_config(DIGITS, ["--reward={name: jpeg_compressibility}", "--estimator.fo=false"]).reward.name \
+        == "jpeg_compressibility"

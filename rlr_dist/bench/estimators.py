@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from rlr_dist.estimators import make_estimator
+from rlr_dist.estimators import ESTIMATORS
 from rlr_dist.toy import MLPChain, batch_variance, bonferroni_threshold, bump_reward, call_means, estimate, z_scores
 
 SCHEDULES = {
@@ -69,14 +69,14 @@ def variance_table(T: int, batches: int, m: int = 64, seed: int = 0, schedule: s
     t0 = time.time()
     tag = f"T={T} {schedule}"
     ref_chain = MLPChain(T=T, G=50, seed=seed, schedule=schedule)
-    ref = call_means(estimate(ref_chain, make_estimator("full_bp"), bump_reward, max(4, 4 * batches // 50), m=m, seed=10_000 + seed))
+    ref = call_means(estimate(ref_chain, ESTIMATORS.build("full_bp"), bump_reward, max(4, 4 * batches // 50), m=m, seed=10_000 + seed))
     ref_mean, ref_se = ref.mean(0), ref.std(0) / math.sqrt(ref.shape[0])
     progress(f"[{tag}] reference: full BP, {4 * batches} batches of {m} in {time.time() - t0:.1f}s")
     rows = []
     for i, (label, name, kw, G) in enumerate(CONFIGS):
         t1 = time.time()
         calls = max(2, batches // G)
-        est = estimate(MLPChain(T=T, G=G, seed=seed, schedule=schedule), make_estimator(name, **kw), bump_reward, calls, m=m, seed=seed + 1 + i)
+        est = estimate(MLPChain(T=T, G=G, seed=seed, schedule=schedule), ESTIMATORS.build(name, **kw), bump_reward, calls, m=m, seed=seed + 1 + i)
         cm = call_means(est)
         z = z_scores(cm, ref_mean, ref_se)
         P = int((cm.std(0) > 0).sum())

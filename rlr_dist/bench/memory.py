@@ -1,9 +1,7 @@
 """Peak activation memory of one learner step, per estimator, on a tiny diffusers UNet with CFG.
 
 What is measured: the bytes of the tensors autograd saves for backward, counted with
-``torch.autograd.graph.saved_tensors_hooks`` — each saved tensor is wrapped in a holder that adds its
-storage's bytes to a live counter (views of one storage count once) and subtracts them when autograd
-drops it. The peak of that counter is taken over the whole step: every term of the estimator is built
+:class:`rlr_dist.memory.SavedTensorMeter`. The peak of that counter is taken over the whole step: every term of the estimator is built
 and back-propagated in turn by :func:`~rlr_dist.estimators.base.backward_terms`, exactly as the learner
 does, so each graph is freed before the next one exists. Sampling runs under ``no_grad`` and is not part
 of the step. Saved tensors that alias memory which exists anyway (parameters, buffers, the recorded
@@ -23,93 +21,11 @@ import torch
 from torch import Tensor
 
 from rlr_dist.chain.trajectory import Trajectory, sample
-from rlr_dist.estimators import Advantages, Batch, backward_terms, make_estimator
-
-MB = 2**20
+from rlr_dist.estimators import ESTIMATORS, Advantages, Batch, backward_terms
+from rlr_dist.memory import MB, SavedTensorMeter
 
 CKPT_NOTE = ("checkpointed: counted peak (saved tensors outside the checkpoints, incl. one kept input latent "
              "per step) + the saved bytes of one CFG model call recomputed during backward, measured separately")
-
-
-# ---------------------------------------------------------------------------------------------------
-# the counter
-
-
-class _Held:
-    """A saved tensor as autograd keeps it; its storage is counted while any holder of it lives."""
-
-    __slots__ = ("meter", "t", "key")
-
-    def __init__(self, meter: "SavedTensorMeter", t: Tensor, key, nbytes: int) -> None:
-        self.meter, self.t, self.key = meter, t, key
-        meter._acquire(key, nbytes)
-
-    def __del__(self) -> None:
-        self.meter._release(self.key)
-
-
-def _storage_key(t: Tensor):
-    st = t.untyped_storage()
-    return (t.device.type, t.device.index, st.data_ptr()), st.nbytes()
-
-
-class SavedTensorMeter:
-    """Live and peak bytes of the storages autograd holds for backward (while the context is active).
-
-    ``exclude``: tensors whose storages are not counted (memory that exists anyway).
-    """
-
-    def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
-        self.excluded = set()
-        for t in exclude:
-            if isinstance(t, Tensor):
-                self.excluded.add(_storage_key(t)[0])
-        self.live = 0
-        self.peak = 0
-        self.refs: dict = {}
-        self.sizes: dict = {}
-        self._ctx = None
-
-    def _acquire(self, key, nbytes: int) -> None:
-        n = self.refs.get(key, 0)
-        self.refs[key] = n + 1
-        if n == 0:
-            self.sizes[key] = nbytes
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-
-    def _release(self, key) -> None:
-        n = self.refs[key] - 1
-        if n:
-            self.refs[key] = n
-        else:
-            del self.refs[key]
-            self.live -= self.sizes.pop(key)
-
-    def _pack(self, t: Tensor):
-        try:
-            key, nbytes = _storage_key(t)
-        except (RuntimeError, NotImplementedError):  # tensors without a plain storage
-            return t
-        if key in self.excluded or nbytes == 0:
-            return t
-        return _Held(self, t, key, nbytes)
-
-    @staticmethod
-    def _unpack(h):
-        return h.t if isinstance(h, _Held) else h
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
-
-    def __enter__(self) -> "SavedTensorMeter":
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._ctx.__exit__(*exc)
-        self._ctx = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,7 +122,7 @@ def activation_memory(T: int = 50, batch: int = 2, hs=(1, 2, 4), seed: int = 0,
     say(f"memory bench: T={T} batch={batch} device={dev}; one CFG model call saves {call_bytes / MB:.2f} MB")
 
     def run(label: str, name: str, kwargs: dict) -> dict:
-        est = make_estimator(name, **kwargs)
+        est = ESTIMATORS.build(name, **kwargs)
         est.check(chain.schedule)
         plan = est.plan(chain.schedule, torch.Generator().manual_seed(seed))
         sgen = torch.Generator(device=dev).manual_seed(seed)

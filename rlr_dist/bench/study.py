@@ -88,7 +88,7 @@ def load_study(path: str | Path):
 def run_cell(cell: dict, eval_every: int, eval_samples: int, target: int) -> dict:
     """One training run; returns its curve and final numbers (runs in a worker process)."""
     torch.set_num_threads(1)
-    from rlr_dist.bench.memory import SavedTensorMeter
+    from rlr_dist.memory import SavedTensorMeter
     from rlr_dist.train.config import load_config
     from rlr_dist.train.local import train_local
 

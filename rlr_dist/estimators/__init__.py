@@ -1,7 +1,7 @@
 """Gradient estimators as surrogate losses. Importing this package registers all of them."""
 from rlr_dist.estimators.advantages import Advantages
-from rlr_dist.estimators.base import ESTIMATORS, Batch, Estimator, backward_terms, make_estimator
+from rlr_dist.estimators.base import ESTIMATORS, Batch, Estimator, backward_terms
 from rlr_dist.estimators import baselines as _baselines  # noqa: F401  (registers lr, truncated_bp, full_bp)
 from rlr_dist.estimators import rlr as _rlr  # noqa: F401  (registers rlr)
 
-__all__ = ["Advantages", "ESTIMATORS", "Batch", "Estimator", "backward_terms", "make_estimator"]
+__all__ = ["Advantages", "ESTIMATORS", "Batch", "Estimator", "backward_terms"]

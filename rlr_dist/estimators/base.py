@@ -24,9 +24,9 @@ from rlr_dist.chain.schedule import GaussianSchedule
 from rlr_dist.chain.trajectory import Plan, Trajectory, inner, sq_norm
 from rlr_dist.estimators.advantages import Advantages
 from rlr_dist.registry import Registry
-from rlr_dist.regularisers import Regulariser, make_regulariser
+from rlr_dist.regularisers import REGULARISERS, Regulariser
 
-ESTIMATORS: Registry[type["Estimator"]] = Registry("estimator")
+ESTIMATORS: Registry[type["Estimator"]] = Registry("estimator", group="rlr_dist.estimators")
 
 RewardFn = Callable[[Tensor, Any], Tensor]
 
@@ -44,7 +44,7 @@ class Batch:
     chain: Chain
     reward: Tensor
     reward_grad: Tensor | None = None
-    regulariser: Regulariser = field(default_factory=lambda: make_regulariser("none"))
+    regulariser: Regulariser = field(default_factory=lambda: REGULARISERS.build("none"))
     advantages: Advantages = field(default_factory=Advantages)
     reward_fn: RewardFn | None = None
 
@@ -85,8 +85,35 @@ class Batch:
         return self._adv[m]
 
 
+@dataclass(frozen=True)
+class Backprop:
+    """How much of the chain one optimiser step back-propagates through — what the memory planner counts.
+
+    segment: model calls in the longest back-propagated segment (their activations are alive together);
+    steps: sampler steps of that segment;
+    calls: model calls back-propagated per optimiser step (each a forward and a backward);
+    checkpointed: the segment is checkpointed per step (memory: one step's calls plus one input latent per step);
+    forward_calls: extra forward-only model calls per step (e.g. SPSA's perturbed passes).
+    """
+
+    segment: int
+    steps: int
+    calls: int
+    checkpointed: bool = False
+    forward_calls: int = 0
+
+
+def segment_calls(steps: int, regulariser: Regulariser) -> int:
+    """Model calls alive in a pathwise segment of ``steps`` steps: with an active regulariser every step but
+    the first also differentiates a second call at its re-computed state (the reference model in exact
+    mode, the trained model at the detached state in DPOK mode; see :func:`segment`)."""
+    return 2 * steps - 1 if regulariser.active else steps
+
+
 class Estimator(ABC):
-    """Base class; subclasses register with ``@ESTIMATORS.register("name")``."""
+    """Base class; subclasses register with ``@ESTIMATORS.register("name")`` (or are named in a config by
+    ``module:Class``). Constructor arguments are the config's parameters; annotate them (types are checked
+    and coerced) and raise :class:`~rlr_dist.registry.ParamError` for a bad value."""
 
     #: needs ∂R/∂x_0 (a differentiable reward)
     needs_reward_grad: bool = False
@@ -103,12 +130,20 @@ class Estimator(ABC):
     def observe(self, stats: dict[str, float]) -> None:
         """Per-term statistics of the last step (e.g. gradient norms ``gnorm/zo:k``)."""
 
+    @abstractmethod
+    def backprop(self, T: int, regulariser: Regulariser) -> Backprop:
+        """What one optimiser step on a ``T``-step chain back-propagates through (for the planner)."""
+
+    def memory_overrides(self) -> list[list[str]]:
+        """Config overrides that lower this estimator's learner memory, cheapest to the recipe first (the
+        planner tries them when a learner does not fit)."""
+        return []
+
     def describe(self) -> dict:
         return {"name": getattr(self, "registry_name", type(self).__name__)}
 
 
-def make_estimator(name: str, **kwargs) -> Estimator:
-    return ESTIMATORS.get(name)(**kwargs)
+ESTIMATORS.base = Estimator
 
 
 # ---------------------------------------------------------------------------------------------------

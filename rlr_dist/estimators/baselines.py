@@ -15,8 +15,9 @@ from torch import Tensor
 
 from rlr_dist.chain.schedule import GaussianSchedule
 from rlr_dist.chain.trajectory import Plan, inner, sq_norm
-from rlr_dist.estimators.base import (ESTIMATORS, Batch, Estimator, explicit_cost, lr_term, pathwise_term,
-                                      require_stochastic)
+from rlr_dist.registry import check_param
+from rlr_dist.estimators.base import (ESTIMATORS, Backprop, Batch, Estimator, explicit_cost, lr_term,
+                                      pathwise_term, require_stochastic, segment_calls)
 
 
 @ESTIMATORS.register("lr")
@@ -27,12 +28,9 @@ class LikelihoodRatio(Estimator):
 
     def __init__(self, K: int | None = None, clip_range: float | None = None, max_log_ratio: float = 20.0,
                  deterministic: str = "error") -> None:
-        if K is not None and K < 1:
-            raise ValueError(f"estimator.K must be >= 1 or null, got {K}")
-        if clip_range is not None and clip_range <= 0:
-            raise ValueError(f"estimator.clip_range must be > 0 or null, got {clip_range}")
-        if deterministic not in ("error", "skip"):
-            raise ValueError(f"estimator.deterministic must be 'error' or 'skip', got {deterministic!r}")
+        check_param("K", K is None or K >= 1, f"must be >= 1 or null, got {K}")
+        check_param("clip_range", clip_range is None or clip_range > 0, f"must be > 0 or null, got {clip_range}")
+        check_param("deterministic", deterministic in ("error", "skip"), f"must be 'error' or 'skip', got {deterministic!r}")
         self.K, self.clip_range, self.max_log_ratio = K, clip_range, max_log_ratio
         self.deterministic = deterministic  # skip: no gradient for σ = 0 steps (biased: their g_k is dropped)
 
@@ -74,6 +72,9 @@ class LikelihoodRatio(Estimator):
             loss = loss + b.regulariser.beta * explicit_cost(b, x, k, mu).double().mean()
         return weight * b.scale * loss
 
+    def backprop(self, T: int, regulariser) -> Backprop:
+        return Backprop(segment=1, steps=1, calls=min(self.K or T, T))
+
     def describe(self) -> dict:
         return {"name": "lr", "K": self.K, "clip_range": self.clip_range, "deterministic": self.deterministic}
 
@@ -85,12 +86,9 @@ class TruncatedBP(Estimator):
     needs_reward_grad = True
 
     def __init__(self, K: int = 1, k_min: int | None = None, k_max: int | None = None, checkpoint: bool = False) -> None:
-        if (k_min is None) != (k_max is None):
-            raise ValueError("estimator.k_min and estimator.k_max go together (random K)")
-        if k_min is not None and not 1 <= k_min <= k_max:
-            raise ValueError(f"estimator: need 1 <= k_min <= k_max, got {k_min}, {k_max}")
-        if K < 1:
-            raise ValueError(f"estimator.K must be >= 1, got {K}")
+        check_param("k_max", (k_min is None) == (k_max is None), "k_min and k_max go together (random K)")
+        check_param("k_min", k_min is None or 1 <= k_min <= k_max, f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
+        check_param("K", K >= 1, f"must be >= 1, got {K}")
         self.K, self.k_min, self.k_max, self.checkpoint = K, k_min, k_max, checkpoint
 
     def check(self, schedule: GaussianSchedule) -> None:
@@ -107,6 +105,13 @@ class TruncatedBP(Estimator):
 
     def terms(self, b: Batch) -> Iterator[tuple[str, Tensor]]:
         yield f"bp:{b.traj.plan.K}", pathwise_term(b, b.traj.plan.K, self.checkpoint)
+
+    def backprop(self, T: int, regulariser) -> Backprop:
+        K = min(self.k_max if self.k_min is not None else self.K, T)
+        return Backprop(segment=segment_calls(K, regulariser), steps=K, calls=K, checkpointed=self.checkpoint)
+
+    def memory_overrides(self) -> list[list[str]]:
+        return [] if self.checkpoint else [["--estimator.checkpoint=true"]]
 
     def describe(self) -> dict:
         return {"name": "truncated_bp", "K": self.K, "k_min": self.k_min, "k_max": self.k_max}
@@ -126,6 +131,9 @@ class FullBP(TruncatedBP):
     def plan(self, schedule: GaussianSchedule, generator: torch.Generator | None = None) -> Plan:
         T = schedule.T
         return Plan(states=frozenset({T}), noises=frozenset(k for k in range(1, T + 1) if schedule.stochastic(k)), K=T)
+
+    def backprop(self, T: int, regulariser) -> Backprop:
+        return Backprop(segment=segment_calls(T, regulariser), steps=T, calls=T, checkpointed=self.checkpoint)
 
     def describe(self) -> dict:
         return {"name": "full_bp", "checkpoint": self.checkpoint}

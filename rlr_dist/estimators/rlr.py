@@ -21,8 +21,9 @@ from torch import Tensor
 
 from rlr_dist.chain.schedule import GaussianSchedule
 from rlr_dist.chain.trajectory import Plan, inner
-from rlr_dist.estimators.base import (ESTIMATORS, Batch, Estimator, explicit_cost, lr_term, pathwise_term,
-                                      require_stochastic, segment)
+from rlr_dist.registry import check_param
+from rlr_dist.estimators.base import (ESTIMATORS, Backprop, Batch, Estimator, explicit_cost, lr_term,
+                                      pathwise_term, require_stochastic, segment, segment_calls)
 
 ZO_MODES = ("lr", "lr_sampled", "spsa", "none")
 J_LAWS = ("uniform", "range", "softmax")
@@ -33,20 +34,15 @@ class RLR(Estimator):
     def __init__(self, h: int = 2, zo: str = "lr", K: int = 4, j_law: str = "uniform",
                  j_range: tuple[int, int] | None = None, temperature: float = 1.0, ema: float = 0.9,
                  spsa_scale: float = 1e-2, fo: bool = True) -> None:
-        if h < 1:
-            raise ValueError(f"estimator.h must be >= 1, got {h}")
-        if zo not in ZO_MODES:
-            raise ValueError(f"estimator.zo must be one of {ZO_MODES}, got {zo!r}")
-        if j_law not in J_LAWS:
-            raise ValueError(f"estimator.j_law must be one of {J_LAWS}, got {j_law!r}")
-        if j_law == "range" and (j_range is None or len(j_range) != 2 or j_range[0] > j_range[1]):
-            raise ValueError(f"estimator.j_range must be (a, b) with a <= b for j_law='range', got {j_range!r}")
-        if zo == "lr_sampled" and K < 1:
-            raise ValueError(f"estimator.K must be >= 1 for zo='lr_sampled', got {K}")
-        if temperature <= 0:
-            raise ValueError(f"estimator.temperature must be > 0, got {temperature}")
-        if zo == "spsa" and spsa_scale <= 0:
-            raise ValueError(f"estimator.spsa_scale must be > 0, got {spsa_scale}")
+        check_param("h", h >= 1, f"must be >= 1, got {h}")
+        check_param("zo", zo in ZO_MODES, f"must be one of {ZO_MODES}, got {zo!r}")
+        check_param("j_law", j_law in J_LAWS, f"must be one of {J_LAWS}, got {j_law!r}")
+        check_param("j_range", j_law != "range" or (j_range is not None and len(j_range) == 2 and j_range[0] <= j_range[1]),
+                    f"must be (a, b) with a <= b for j_law='range', got {j_range!r}")
+        check_param("K", zo != "lr_sampled" or K >= 1, f"must be >= 1 for zo='lr_sampled', got {K}")
+        check_param("temperature", temperature > 0, f"must be > 0, got {temperature}")
+        check_param("ema", 0 <= ema < 1, f"must be in [0, 1), got {ema}")
+        check_param("spsa_scale", zo != "spsa" or spsa_scale > 0, f"must be > 0, got {spsa_scale}")
         self.h, self.zo, self.K, self.j_law, self.j_range = h, zo, K, j_law, j_range
         self.temperature, self.ema, self.spsa_scale, self.fo = temperature, ema, spsa_scale, fo
         self.needs_reward_grad = fo
@@ -127,6 +123,16 @@ class RLR(Estimator):
                 k = int(key[9:])
                 old = self.step_norm.get(k)
                 self.step_norm[k] = v if old is None else self.ema * old + (1 - self.ema) * v
+
+    def backprop(self, T: int, regulariser) -> Backprop:
+        seg = segment_calls(self.h, regulariser)
+        C = T - self.h - int(self.fo)
+        zo = {"lr": C, "lr_sampled": min(self.K, C)}.get(self.zo, 0)
+        return Backprop(segment=seg, steps=self.h, calls=int(self.fo) + seg + max(zo, 0),
+                        forward_calls=2 * T if self.zo == "spsa" else 0)
+
+    def memory_overrides(self) -> list[list[str]]:
+        return [[f"--estimator.h={max(1, self.h // 2)}"]] if self.h > 1 else []
 
     def describe(self) -> dict:
         return {"name": "rlr", "h": self.h, "zo": self.zo, "K": self.K, "j_law": self.j_law,

@@ -29,11 +29,9 @@ from rlr_dist.models.config import ModelConfig
 from rlr_dist.models.lora import adapters_disabled, add_lora, lora_state_dict, merged_state_dict
 from rlr_dist.registry import Registry
 
-MODELS: Registry[type["DiffusionModel"]] = Registry("model layout")
+MODELS: Registry[type["DiffusionModel"]] = Registry("model layout", group="rlr_dist.models")
 RLR_META = "rlr_model.json"
 
-# model_index.json's UNet class -> layout
-UNET_LAYOUTS = {"UNet2DModel": "pixel", "UNet2DConditionModel": "sd", "UNet3DConditionModel": "t2v"}
 UNSUPPORTED = {"UNetMotionModel": "AnimateDiff's UNetMotionModel is not supported yet (a tiny one fails for "
                                   "more than one frame under diffusers 0.42.1)"}
 
@@ -82,8 +80,13 @@ class DiffusionModel(ABC):
     """Base of every layout adapter. Subclasses load their extra components and define conditioning,
     latent shape, the UNet call and decoding."""
 
+    #: the diffusers class of the denoiser (``unet/config.json``'s ``_class_name``)
     unet_class: str = ""
+    #: a folder whose ``model_index.json`` names ``unet_class`` is this layout (without an ``rlr_model.json``
+    #: saying otherwise); False for layouts that share a class with another (frames-as-channels video)
+    detects_unet_class: bool = True
     video: bool = False
+    #: module-name suffixes LoRA adapts by default (``model.lora.target_modules`` overrides)
     default_lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
 
     def __init__(self, folder: Path, cfg: ModelConfig, meta: dict | None = None):
@@ -244,8 +247,18 @@ class DiffusionModel(ABC):
             storage.atomic_dir(uri, write)
 
 
+MODELS.base = DiffusionModel
+
+
+def layout_of_unet_class(cls_name: str | None) -> str | None:
+    """The registered layout that detects folders whose denoiser is ``cls_name``."""
+    import rlr_dist.models.layouts  # noqa: F401  (registers the built-in layouts)
+
+    hits = [name for name, c in MODELS.items() if c.detects_unet_class and c.unet_class == cls_name]
+    return hits[0] if hits else None
+
+
 # ---------------------------------------------------------------------------------------------- load
-TOY_PREFIX = "toy:"
 
 
 def read_scheduler_config(folder: Path) -> dict:
@@ -270,11 +283,14 @@ def build_schedule(scheduler_config: dict, cfg: ModelConfig) -> GaussianSchedule
 
 
 def resolve_model_folder(path: str) -> Path:
-    """A local folder for ``model.path``: local, ``s3://`` (downloaded, verified), ``toy:NAME`` or hub id."""
-    if path.startswith(TOY_PREFIX):
-        from rlr_dist.toy_world import asset_path
-
-        return Path(asset_path(path[len(TOY_PREFIX):]))
+    """A local folder for ``model.path``: local, ``s3://`` (downloaded, verified), a plug-in scheme such as
+    ``toy:NAME`` (entry-point group ``rlr_dist.model_sources``: a function NAME -> folder) or a hub id."""
+    source = _model_source(path)
+    if source is not None:
+        try:
+            return Path(source(path.split(":", 1)[1]))
+        except ValueError as e:
+            raise ModelError(f"model.path: {e}") from None
     if storage.is_s3(path):
         try:
             return storage.resolve(path)
@@ -297,6 +313,17 @@ def resolve_model_folder(path: str) -> Path:
     raise ModelError(f"model.path: {path!r} does not exist{hint}")
 
 
+def _model_source(path: str):
+    """The resolver of ``path``'s scheme (``toy:`` ...) from the ``rlr_dist.model_sources`` entry points."""
+    from importlib.metadata import entry_points
+
+    scheme = path.split(":", 1)[0] if ":" in path and "://" not in path else None
+    if not scheme:
+        return None
+    eps = {ep.name: ep for ep in entry_points(group="rlr_dist.model_sources")}
+    return eps[scheme].load() if scheme in eps else None
+
+
 def detect_layout(folder: Path) -> tuple[str, dict]:
     """``(layout, meta)`` from ``rlr_model.json`` or ``model_index.json``."""
     meta_file = folder / RLR_META
@@ -313,9 +340,12 @@ def detect_layout(folder: Path) -> tuple[str, dict]:
         raise ModelError(f"{folder}: not a diffusers model folder (no model_index.json, {RLR_META} or unet/config.json)")
     if cls in UNSUPPORTED:
         raise ModelError(f"{folder}: {UNSUPPORTED[cls]}")
-    if cls not in UNET_LAYOUTS:
-        raise ModelError(f"{folder}: unsupported denoiser class {cls!r}; supported: {sorted(UNET_LAYOUTS)}")
-    return UNET_LAYOUTS[cls], meta
+    layout = layout_of_unet_class(cls)
+    if layout is None:
+        known = sorted({c.unet_class for _, c in MODELS.items() if c.detects_unet_class})
+        raise ModelError(f"{folder}: unsupported denoiser class {cls!r}; supported: {known} (or name a layout: "
+                         f"model.layout / {RLR_META})")
+    return layout, meta
 
 
 def _locate(cfg: ModelConfig | dict | str) -> tuple[ModelConfig, Path, type[DiffusionModel], dict]:
@@ -328,12 +358,17 @@ def _locate(cfg: ModelConfig | dict | str) -> tuple[ModelConfig, Path, type[Diff
     import rlr_dist.models.layouts  # noqa: F401  (registers the layouts)
 
     folder = resolve_model_folder(cfg.path)
-    layout, meta = detect_layout(folder)
-    if cfg.layout is not None and cfg.layout != layout:
-        raise ModelError(f"model.layout: {cfg.layout!r} given, but {folder} holds a {layout!r} model")
+    if cfg.layout is not None and ":" in cfg.layout:  # a layout of the user's own, module:Class
+        meta_file = folder / RLR_META
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        layout = cfg.layout
+    else:
+        layout, meta = detect_layout(folder)
+        if cfg.layout is not None and cfg.layout != layout:
+            raise ModelError(f"model.layout: {cfg.layout!r} given, but {folder} holds a {layout!r} model")
     try:
-        cls = MODELS.get(layout)
-    except ValueError as e:
+        cls = MODELS.get(layout, "model.layout")
+    except ConfigError as e:
         raise ModelError(f"{folder}: {e}") from None
     return cfg, folder, cls, meta
 

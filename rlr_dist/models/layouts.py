@@ -126,6 +126,7 @@ class PixelVideoModel(PixelModel):
     """Video as a ``UNet2DModel`` over frames stacked in channels: ``(B, C, F, H, W)`` <-> ``(B, F·C, H, W)``."""
 
     video = True
+    detects_unet_class = False  # a UNet2DModel folder is "pixel" unless rlr_model.json says pixel_video
 
     def load_components(self) -> None:
         super().load_components()

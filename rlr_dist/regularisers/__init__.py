@@ -1,3 +1,4 @@
-from rlr_dist.regularisers.regulariser import REGULARISERS, Regulariser, make_regulariser
+"""Regularisers toward the pretrained chain (KL, step-wise and surrogate f-divergences)."""
+from rlr_dist.regularisers.regulariser import REGULARISERS, Regulariser
 
-__all__ = ["REGULARISERS", "Regulariser", "make_regulariser"]
+__all__ = ["REGULARISERS", "Regulariser"]

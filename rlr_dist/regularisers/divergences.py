@@ -28,7 +28,7 @@ Two families live here.
   Amari α < 1). :func:`solve_lambda` finds the normaliser λ, :func:`surrogate_reward` the reward
   ``R̃ = β log (f')⁻¹((R − λ)/β)`` and ``dR̃/dR``.
 
-Adding a divergence is one decorated class (``@register_stepwise("name")`` / ``@register_f("name")``).
+Adding a divergence is one decorated class (``@STEPWISE.register("name")`` / ``@FDIVS.register("name")``).
 """
 from __future__ import annotations
 
@@ -38,76 +38,27 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from rlr_dist.registry import Registry
+from rlr_dist.registry import ParamError, Registry
 
-__all__ = [
-    "STEPWISE", "FDIVS", "register_stepwise", "register_f", "make_stepwise", "make_fdiv",
-    "StepwiseDivergence", "FDivergence", "SurrogateReward", "solve_lambda", "surrogate_reward",
-]
+__all__ = ["STEPWISE", "FDIVS", "StepwiseDivergence", "FDivergence", "SurrogateReward", "solve_lambda",
+           "surrogate_reward"]
 
 _LOG2 = math.log(2.0)
 
 
-class _DictRegistry(Registry):
-    """:class:`rlr_dist.registry.Registry` that also reads like a dict (``REG[name]``, ``in``, iteration)."""
-
-    def __getitem__(self, name: str):
-        return self.get(name)
-
-    def __iter__(self):
-        return iter(self.names())
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def keys(self) -> list[str]:
-        return self.names()
-
-    def items(self) -> list[tuple[str, Any]]:
-        return [(n, self._items[n]) for n in self.names()]
-
-
-STEPWISE: _DictRegistry = _DictRegistry("step-wise divergence")
-FDIVS: _DictRegistry = _DictRegistry("f-divergence")
-
-
-def register_stepwise(name: str):
-    """Class decorator: register a :class:`StepwiseDivergence` subclass under ``name``."""
-    return STEPWISE.register(name)
-
-
-def register_f(name: str):
-    """Class decorator: register an :class:`FDivergence` subclass under ``name``."""
-    return FDIVS.register(name)
-
-
-def _build(registry: _DictRegistry, name: str, params: dict):
-    cls = registry.get(name)  # ValueError naming the unknown name and the valid ones
-    try:
-        return cls(**params)
-    except TypeError as e:
-        raise ValueError(f"bad parameters {sorted(params)} for {registry.kind} {name!r}: {e}") from None
-
-
-def make_stepwise(name: str, **params) -> "StepwiseDivergence":
-    """Instantiate the step-wise divergence ``name`` (one of ``STEPWISE.names()``) with ``params``."""
-    return _build(STEPWISE, name, params)
-
-
-def make_fdiv(name: str, **params) -> "FDivergence":
-    """Instantiate the surrogate-route f-divergence ``name`` (one of ``FDIVS.names()``) with ``params``."""
-    return _build(FDIVS, name, params)
+STEPWISE: Registry = Registry("step-wise divergence", group="rlr_dist.stepwise_divergences")
+FDIVS: Registry = Registry("f-divergence", group="rlr_dist.f_divergences")
 
 
 def _check_alpha(alpha: Any) -> float:
     try:
         a = float(alpha)
     except (TypeError, ValueError):
-        raise ValueError(f"alpha must be a real number, got {alpha!r}") from None
+        raise ParamError("alpha", f"must be a real number, got {alpha!r}") from None
     if not math.isfinite(a) or isinstance(alpha, bool):
-        raise ValueError(f"alpha must be a finite real number, got {alpha!r}")
+        raise ParamError("alpha", f"must be a finite real number, got {alpha!r}")
     if a in (0.0, 1.0):
-        raise ValueError(f"alpha must not be 0 or 1 (got {a:g}): those limits are the KL divergences, "
+        raise ParamError("alpha", f"must not be 0 or 1 (got {a:g}): those limits are the KL divergences, "
                          "use 'kl' (step-wise) or 'forward_kl' / 'reverse_kl' (surrogate)")
     return a
 
@@ -116,9 +67,9 @@ def _check_beta(beta: Any) -> float:
     try:
         b = float(beta)
     except (TypeError, ValueError):
-        raise ValueError(f"beta must be a real number > 0, got {beta!r}") from None
+        raise ParamError("beta", f"must be a real number > 0, got {beta!r}") from None
     if not (math.isfinite(b) and b > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+        raise ParamError("beta", f"must be a finite number > 0, got {beta!r}")
     return b
 
 
@@ -161,7 +112,7 @@ class StepwiseDivergence(_Described):
 
 
 
-@register_stepwise("kl")
+@STEPWISE.register("kl")
 class StepKL(StepwiseDivergence):
     """KL (either direction for equal variances): ``δ/2``."""
 
@@ -169,7 +120,7 @@ class StepKL(StepwiseDivergence):
         return 0.5 * _as_tensor(delta)
 
 
-@register_stepwise("amari")
+@STEPWISE.register("amari")
 class StepAmari(StepwiseDivergence):
     """Amari α: ``(1 − exp(−α(1−α)δ/2)) / (α(1−α))``; α ∈ (0,1) saturates, α > 1 or α < 0 stiffens.
 
@@ -188,7 +139,7 @@ class StepAmari(StepwiseDivergence):
         return {"alpha": self.alpha}
 
 
-@register_stepwise("hellinger")
+@STEPWISE.register("hellinger")
 class StepHellinger(StepwiseDivergence):
     """Squared Hellinger with ``f = (√u − 1)²``: ``2(1 − exp(−δ/8))`` (bounded by 2)."""
 
@@ -196,7 +147,7 @@ class StepHellinger(StepwiseDivergence):
         return -2.0 * torch.expm1(-_as_tensor(delta) / 8.0)
 
 
-@register_stepwise("chi2")
+@STEPWISE.register("chi2")
 class StepChi2(StepwiseDivergence):
     """Pearson χ² with ``f = (u − 1)²`` (either direction for equal variances): ``exp(δ) − 1``."""
 
@@ -204,7 +155,7 @@ class StepChi2(StepwiseDivergence):
         return torch.expm1(_as_tensor(delta))
 
 
-@register_stepwise("tv")
+@STEPWISE.register("tv")
 class StepTV(StepwiseDivergence):
     """Total-variation distance (``f = ½|u − 1|``): ``2Φ(√δ/2) − 1 = erf(√δ / (2√2))``.
 
@@ -301,7 +252,7 @@ class FDivergence(_Described):
 
 
 
-@register_f("reverse_kl")
+@FDIVS.register("reverse_kl")
 class ReverseKL(FDivergence):
     """``KL(P‖Q)``: f = u log u, tilt ``e^{y−1}``, ``R̃ = R − λ − β`` exactly (dR̃/dR = 1)."""
 
@@ -329,7 +280,7 @@ class ReverseKL(FDivergence):
         return R - lam - beta, torch.ones_like(R)
 
 
-@register_f("forward_kl")
+@FDIVS.register("forward_kl")
 class ForwardKL(FDivergence):
     """``KL(Q‖P)``: f = −log u, tilt ``−1/y`` (y < 0), i.e. ``β/(λ − R)`` with λ > max R."""
 
@@ -351,7 +302,7 @@ class ForwardKL(FDivergence):
         return -1.0 / y
 
 
-@register_f("alpha")
+@FDIVS.register("alpha")
 class Amari(FDivergence):
     """Amari α (α ∉ {0, 1}): f = (u^α − 1 − α(u−1))/(α(α−1)), tilt ``(1 + (α−1)y)_+^{1/(α−1)}``.
 
@@ -386,7 +337,7 @@ class Amari(FDivergence):
         return {"alpha": self.alpha}
 
 
-@register_f("chi2")
+@FDIVS.register("chi2")
 class Chi2(FDivergence):
     """Pearson χ²: f = (u − 1)², tilt ``(1 + y/2)_+`` (0 for y ≤ −2)."""
 
@@ -408,7 +359,7 @@ class Chi2(FDivergence):
         return 1.0 / (2.0 + y)
 
 
-@register_f("hellinger")
+@FDIVS.register("hellinger")
 class Hellinger(FDivergence):
     """Squared Hellinger: f = (√u − 1)², tilt ``(1 − y)^{−2}`` (y < 1)."""
 
@@ -430,7 +381,7 @@ class Hellinger(FDivergence):
         return 2.0 / (1.0 - y)
 
 
-@register_f("js")
+@FDIVS.register("js")
 class JensenShannon(FDivergence):
     """Jensen–Shannon (½-weighted): f = ½[u log u − (1+u) log((1+u)/2)], tilt ``e^{2y}/(2 − e^{2y})``
     (y < ½ log 2)."""
@@ -462,7 +413,7 @@ class JensenShannon(FDivergence):
 
 def _as_fdiv(fdiv: FDivergence | str) -> FDivergence:
     if isinstance(fdiv, str):
-        return make_fdiv(fdiv)
+        return FDIVS.build(fdiv)
     if not isinstance(fdiv, FDivergence):
         raise ValueError(f"fdiv must be an FDivergence instance or one of {FDIVS.names()}, got {fdiv!r}")
     return fdiv

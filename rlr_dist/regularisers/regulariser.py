@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from rlr_dist.registry import Registry
-from rlr_dist.regularisers.divergences import make_fdiv, make_stepwise, solve_lambda, surrogate_reward
+from rlr_dist.registry import Registry, check_param
+from rlr_dist.regularisers.divergences import FDIVS, STEPWISE, solve_lambda, surrogate_reward
 
-REGULARISERS: Registry[type["Regulariser"]] = Registry("regulariser")
+REGULARISERS: Registry[type["Regulariser"]] = Registry("regulariser", group="rlr_dist.regularisers")
 
 
 class Regulariser:
@@ -46,8 +46,7 @@ class Regulariser:
 
 def _check_beta(beta: float) -> float:
     beta = float(beta)
-    if not beta >= 0:
-        raise ValueError(f"regulariser.beta must be >= 0, got {beta}")
+    check_param("beta", beta >= 0, f"must be >= 0, got {beta}")
     return beta
 
 
@@ -89,7 +88,11 @@ class Stepwise(Regulariser):
         self.shaping = bool(shaping)
         self.divergence = divergence
         self.params = params
-        self._d = make_stepwise(divergence, **params)
+        self._d = STEPWISE.build(divergence, params)
+
+    @classmethod
+    def check_params(cls, divergence: str = "amari", **params) -> None:
+        STEPWISE.check(divergence, {k: v for k, v in params.items() if k not in ("beta", "shaping")})
 
     def cost(self, delta: Tensor) -> Tensor:
         return self._d(delta)
@@ -108,15 +111,17 @@ class SurrogateF(Regulariser):
 
     def __init__(self, beta: float = 0.01, f: str = "forward_kl", lam: float | str = "auto", **params) -> None:
         self.beta = _check_beta(beta)
-        if self.beta == 0:
-            raise ValueError("regulariser.beta must be > 0 for the surrogate-reward f-divergence")
+        check_param("beta", self.beta > 0, "must be > 0 for the surrogate-reward f-divergence")
         self.shaping = True
         self.f_name = f
         self.params = params
-        self.fdiv = make_fdiv(f, **params)
-        if not (lam == "auto" or isinstance(lam, (int, float))):
-            raise ValueError(f"regulariser.lam must be 'auto' or a number, got {lam!r}")
+        self.fdiv = FDIVS.build(f, params)
+        check_param("lam", lam == "auto" or isinstance(lam, (int, float)), f"must be 'auto' or a number, got {lam!r}")
         self.lam = lam
+
+    @classmethod
+    def check_params(cls, f: str = "forward_kl", **params) -> None:
+        FDIVS.check(f, {k: v for k, v in params.items() if k not in ("beta", "lam")})
 
     def fit_lambda(self, reference_rewards: Tensor) -> float:
         self.lam = float(solve_lambda(reference_rewards.detach().double(), self.fdiv, self.beta))
@@ -136,5 +141,4 @@ class SurrogateF(Regulariser):
         return {**super().describe(), "f": self.f_name, "lam": self.lam, **self.params}
 
 
-def make_regulariser(name: str = "none", **kwargs) -> Regulariser:
-    return REGULARISERS.get(name)(**kwargs)
+REGULARISERS.base = Regulariser

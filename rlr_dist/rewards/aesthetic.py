@@ -17,8 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlr_dist import storage
-from rlr_dist.rewards.base import REWARDS, Reward, RewardError, check_param
+from rlr_dist.registry import check_param
+from rlr_dist.rewards.base import REWARDS, Reward, RewardError
 
+# The CLIP ViT-L/14 vision tower the public head was trained on (what the planner assumes when the
+# configured CLIP folder is not on this machine)
+CLIP_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=224, patch_size=14, projection_dim=768)
 # OpenAI CLIP preprocessing constants, used when the folder has no preprocessor_config.json
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -89,9 +94,9 @@ class AestheticScore(Reward):
         super().__init__()
         from transformers import CLIPVisionModelWithProjection
 
-        check_param(self.name, "clip", isinstance(clip, str) and bool(clip), f"must be a path or s3:// URI, got {clip!r}")
-        check_param(self.name, "head", isinstance(head, str) and bool(head), f"must be a path or s3:// URI, got {head!r}")
-        check_param(self.name, "antialias", isinstance(antialias, bool), f"expected true/false, got {antialias!r}")
+        check_param("clip", isinstance(clip, str) and bool(clip), f"must be a path or s3:// URI, got {clip!r}")
+        check_param("head", isinstance(head, str) and bool(head), f"must be a path or s3:// URI, got {head!r}")
+        check_param("antialias", isinstance(antialias, bool), f"expected true/false, got {antialias!r}")
         folder = _resolve(clip, "CLIP model folder", self.name)
         if not (folder / "config.json").is_file():
             raise RewardError(f"reward {self.name!r}: CLIP model {clip!r} has no config.json (resolved to {str(folder)!r})")
@@ -128,6 +133,14 @@ class AestheticScore(Reward):
         self.antialias = antialias
         self.requires_grad_(False)
         self.train(False)
+
+    @classmethod
+    def vision_tower(cls, params: dict) -> list[dict]:
+        local = Path(str(params.get("clip", ""))) / "config.json"
+        if not local.is_file():
+            return [CLIP_L14_VISION]
+        conf = json.loads(local.read_text())
+        return [conf.get("vision_config", conf)]
 
     def train(self, mode: bool = True) -> "AestheticScore":
         super().train(mode)

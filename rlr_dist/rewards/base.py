@@ -12,16 +12,13 @@ is an error. Composite rewards (``weighted_sum``, ``video_frames``) call their p
 """
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from rlr_dist.registry import Registry
-
-REWARDS: Registry[type["Reward"]] = Registry("reward")
+from rlr_dist.registry import Registry, check_param
 
 Decoder = Callable[[Tensor], Tensor]
 MODALITIES = ("image", "video", "any")
@@ -31,28 +28,21 @@ class RewardError(ValueError):
     """A reward produced something unusable (wrong shape, NaN/inf, no gradient); names the reward."""
 
 
-class RewardParamError(RewardError):
-    """A reward was given a bad parameter; ``field`` is its dotted name inside the reward's params."""
-
-    def __init__(self, reward: str, field: str, msg: str):
-        super().__init__(f"reward {reward!r}: parameter {field!r}: {msg}")
-        self.reward, self.field, self.msg = reward, field, msg
-
-
-def check_param(reward: str, field: str, ok: bool, msg: str) -> None:
-    """Raise :class:`RewardParamError` naming ``reward`` and ``field`` unless ``ok``."""
-    if not ok:
-        raise RewardParamError(reward, field, msg)
-
-
 class Reward(nn.Module, ABC):
-    """Base class of every reward.
+    """Base class of every reward; register with ``@REWARDS.register("name")`` (or name it in a config as
+    ``module:Class``). Constructor arguments are the reward's config parameters, written beside its name
+    (``reward: {name: digit_logprob, target: 3}``); annotate them (types are checked before Ray starts) and
+    raise :class:`~rlr_dist.registry.ParamError` for a bad value. A ``check_params`` classmethod, when
+    defined, validates values without loading weights (it runs at config time).
 
     Subclasses set ``differentiable`` (whether ``∂R/∂images`` is meaningful) and ``modality``
     (``"image"``: applied per frame to video; ``"video"``: needs 5-D input; ``"any"``).
     ``forward(images, prompts) -> (B,)`` must be a torch function of ``images`` when differentiable.
-    Composite rewards may set both per instance. Call rewards through :func:`apply_reward` (or a
-    :class:`RewardScorer`) rather than directly, so modality and output checks apply.
+    Call rewards through :func:`apply_reward` (or a :class:`RewardScorer`) rather than directly, so
+    modality and output checks apply.
+
+    The classmethods answer questions about a reward from its parameters alone, without loading it
+    (the planner and config checks ask them): ``is_differentiable``, ``reads_frames``, ``vision_tower``.
     """
 
     differentiable: bool = False
@@ -70,57 +60,45 @@ class Reward(nn.Module, ABC):
         A :class:`RewardScorer` decodes only these; the others reach ``forward`` as zeros."""
         return None
 
+    def eval_metrics(self, images: Tensor, prompts: Sequence[str] | None = None) -> dict[str, float]:
+        """Extra report numbers of an *evaluation* reward on a batch (e.g. diversity of predicted classes);
+        logged under ``eval/``. None by default."""
+        return {}
 
-def make_reward(name: str, **params) -> Reward:
-    """Instantiate a registered reward by name (``params`` are its constructor arguments).
+    # ------------------------------------------------------------------ answers from parameters
+    @classmethod
+    def is_differentiable(cls, params: dict) -> bool:
+        """Whether the reward with these parameters gives ``∂R/∂x_0`` (composites: every part)."""
+        return bool(cls.differentiable)
 
-    Unknown or missing parameters raise :class:`RewardParamError` naming the reward and the field.
-    """
-    try:
-        cls = REWARDS.get(name)
-    except ValueError as e:
-        raise RewardError(str(e)) from None
-    if cls.__init__ in (nn.Module.__init__, object.__init__):  # no constructor of its own: no parameters
-        takes_any, named = False, {}
-    else:
-        sig = inspect.signature(cls)
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-        named = {k: p for k, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    if not takes_any:
-        for key in sorted(params):
-            check_param(name, key, key in named, f"unknown parameter; {name!r} takes {sorted(named)}")
-    for key, p in named.items():
-        check_param(name, key, p.default is not p.empty or key in params, "required parameter is missing")
-    return cls(**params)
+    @classmethod
+    def reads_frames(cls, params: dict, num: int) -> list[int] | None:
+        """:meth:`frames` of the reward these parameters make, without making it."""
+        return None
+
+    @classmethod
+    def vision_tower(cls, params: dict) -> list[dict]:
+        """Configs of the image networks the reward runs (e.g. a CLIP vision model), for the planner."""
+        return []
 
 
-def reward_from_spec(spec: Any, owner: str, field: str,
-                     extra: dict[str, Any] | None = None) -> tuple[Reward, dict[str, Any]]:
-    """Build the reward nested at parameter ``field`` of reward ``owner`` from
-    ``{"name": ..., "params": {...}, **extra}``.
+REWARDS: Registry[type[Reward]] = Registry("reward", base=Reward, group="rlr_dist.rewards")
 
-    ``extra`` maps the other allowed keys to their defaults (e.g. ``{"weight": 1.0}``); their values are
-    returned. Errors are :class:`RewardParamError` of ``owner`` whose field is the full path inside its
-    params (e.g. ``parts[1].params.quality``), so a config error names it.
-    """
-    extra = extra or {}
-    if not isinstance(spec, dict):
-        raise RewardParamError(owner, field, f"expected a mapping {{name: ..., params: {{...}}}}, got {spec!r}")
-    allowed = {"name", "params", *extra}
-    for key in sorted(spec):
-        if key not in allowed:
-            raise RewardParamError(owner, f"{field}.{key}", f"unknown key; allowed {sorted(allowed)}")
-    name = spec.get("name")
-    if not isinstance(name, str) or name not in REWARDS:
-        raise RewardParamError(owner, f"{field}.name", f"unknown reward {name!r}; choose one of {REWARDS.names()}")
-    params = spec.get("params") or {}
-    if not isinstance(params, dict):
-        raise RewardParamError(owner, f"{field}.params", f"expected a mapping, got {params!r}")
-    try:
-        reward = make_reward(name, **params)
-    except RewardParamError as e:
-        raise RewardParamError(owner, f"{field}.params.{e.field}", f"({e.reward}) {e.msg}") from None
-    return reward, {k: spec.get(k, d) for k, d in extra.items()}
+
+def split_spec(spec: Any, field: str, reserved: dict[str, Any] | None = None) -> tuple[str, dict, dict]:
+    """A nested reward written flat, ``{name: ..., <parameters>, <reserved keys>}`` ->
+    ``(name, parameters, reserved values)``; errors name ``field``."""
+    reserved = reserved or {}
+    check_param(field, isinstance(spec, dict) and "name" in spec,
+                f"expected a mapping {{name: ..., <parameters>}}, got {spec!r}")
+    params = {k: v for k, v in spec.items() if k != "name" and k not in reserved}
+    return spec["name"], params, {k: spec.get(k, d) for k, d in reserved.items()}
+
+
+def nested_class(spec: Any, field: str, reserved: dict[str, Any] | None = None) -> tuple[type[Reward], dict]:
+    """The class and parameters of a nested reward spec (for the classmethod answers)."""
+    name, params, _ = split_spec(spec, field, reserved)
+    return REWARDS.get(name, field), params
 
 
 def check_output(name: str, R: Tensor, batch: int) -> Tensor:

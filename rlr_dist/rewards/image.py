@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from rlr_dist.rewards.base import REWARDS, Reward, RewardError, check_param
+from rlr_dist.registry import check_param
+from rlr_dist.rewards.base import REWARDS, Reward, RewardError
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -38,7 +39,7 @@ class _Jpeg(Reward):
 
     def __init__(self, quality: int = 95):
         super().__init__()
-        check_param(self.name, "quality", isinstance(quality, int) and not isinstance(quality, bool)
+        check_param("quality", isinstance(quality, int) and not isinstance(quality, bool)
                     and 1 <= quality <= 100, f"must be an int in [1, 100], got {quality!r}")
         self.quality = quality
 
@@ -83,7 +84,7 @@ class Contrast(Reward):
 
     def __init__(self, eps: float = 1e-12):
         super().__init__()
-        check_param(self.name, "eps", isinstance(eps, (int, float)) and eps > 0, f"must be > 0, got {eps!r}")
+        check_param("eps", isinstance(eps, (int, float)) and eps > 0, f"must be > 0, got {eps!r}")
         self.eps = float(eps)
 
     def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:

@@ -6,8 +6,9 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
-from rlr_dist.rewards.base import (REWARDS, Reward, RewardError, apply_reward, check_param, frames_to_batch,
-                                   repeat_prompts, reward_from_spec)
+from rlr_dist.registry import check_param
+from rlr_dist.rewards.base import (REWARDS, Reward, RewardError, apply_reward, frames_to_batch, nested_class,
+                                   repeat_prompts, split_spec)
 
 
 def temporal_consistency(video: Tensor) -> Tensor:
@@ -58,25 +59,43 @@ class VideoFrames(Reward):
     def __init__(self, reward: dict, num_frames: int | None = None, frame_stride: int | None = None,
                  aggregate: Literal["mean", "min"] = "mean", temporal_weight: float = 0.0):
         super().__init__()
-        name = self.name
-        self.frame_reward, _ = reward_from_spec(reward, name, "reward")
-        check_param(name, "reward", self.frame_reward.modality != "video",
-                    f"{self.frame_reward.name!r} scores whole videos; video_frames needs a per-frame (image) reward")
-        check_param(name, "num_frames", num_frames is None or (isinstance(num_frames, int) and num_frames >= 1),
-                    f"must be an int >= 1, got {num_frames!r}")
-        check_param(name, "frame_stride", frame_stride is None or (isinstance(frame_stride, int) and frame_stride >= 1),
-                    f"must be an int >= 1, got {frame_stride!r}")
-        check_param(name, "frame_stride", num_frames is None or frame_stride is None,
-                    "give num_frames or frame_stride, not both")
-        check_param(name, "aggregate", aggregate in ("mean", "min"), f"must be 'mean' or 'min', got {aggregate!r}")
-        check_param(name, "temporal_weight", isinstance(temporal_weight, (int, float)) and not isinstance(temporal_weight, bool),
-                    f"expected a number, got {temporal_weight!r}")
+        self.check_params(reward, num_frames, frame_stride, aggregate, temporal_weight)
+        name, params, _ = split_spec(reward, "reward")
+        self.frame_reward = REWARDS.build(name, params, "reward")
         self.num_frames, self.frame_stride, self.aggregate = num_frames, frame_stride, aggregate
         self.temporal_weight = float(temporal_weight)
         self.differentiable = self.frame_reward.differentiable
 
+    @classmethod
+    def check_params(cls, reward: dict, num_frames: int | None = None, frame_stride: int | None = None,
+                     aggregate: str = "mean", temporal_weight: float = 0.0) -> None:
+        inner, params = nested_class(reward, "reward")
+        REWARDS.check(reward["name"], params, "reward")
+        check_param("reward", inner.modality != "video",
+                    f"{reward['name']!r} scores whole videos; video_frames needs a per-frame (image) reward")
+        check_param("num_frames", num_frames is None or num_frames >= 1, f"must be >= 1, got {num_frames!r}")
+        check_param("frame_stride", frame_stride is None or frame_stride >= 1, f"must be >= 1, got {frame_stride!r}")
+        check_param("frame_stride", num_frames is None or frame_stride is None, "give num_frames or frame_stride, not both")
+
+    @classmethod
+    def is_differentiable(cls, params: dict) -> bool:
+        inner, p = nested_class(params["reward"], "reward")
+        return inner.is_differentiable(p)
+
+    @classmethod
+    def reads_frames(cls, params: dict, num: int) -> list[int] | None:
+        if params.get("temporal_weight"):
+            return None
+        return frame_indices(num, params.get("num_frames"), params.get("frame_stride"))
+
+    @classmethod
+    def vision_tower(cls, params: dict) -> list[dict]:
+        inner, p = nested_class(params["reward"], "reward")
+        return inner.vision_tower(p)
+
     def frames(self, num: int) -> list[int] | None:
-        return None if self.temporal_weight != 0.0 else frame_indices(num, self.num_frames, self.frame_stride)
+        return self.reads_frames({"num_frames": self.num_frames, "frame_stride": self.frame_stride,
+                                  "temporal_weight": self.temporal_weight}, num)
 
     def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
         if images.dim() != 5:

@@ -328,7 +328,7 @@ def motion_stats(clips: Tensor) -> dict:
 def measure(folder: str | Path, per_class: int = 50, n_uncond: int = 200, seed: int = 0,
             guidances: tuple[float, ...] = (1.0, 2.0), steps: int = 20, log: Log = _log) -> dict:
     """Baseline numbers of a saved toy model (20-step DDIM, eta 1, last step deterministic)."""
-    from rlr_dist.rewards.digits import DigitLogProb, evaluate_digits
+    from rlr_dist.toy_world.rewards import DigitLogProb, evaluate_digits
 
     folder = Path(folder)
     meta = json.loads((folder / META).read_text())
@@ -397,7 +397,7 @@ def write_report(assets: str | Path | None = None, doc: str | Path = "docs/toy-w
     save_gif(x, y, images / "moving-digits.gif")
     meta = {k: json.loads((assets / k / META).read_text())["made_by"] for k in ("digits", "moving-digits")}
     cls = {k: json.loads((assets / k / "config.json").read_text()) for k in ("classifier", "evaluator")}
-    from rlr_dist.rewards.digits import evaluate_digits
+    from rlr_dist.toy_world.rewards import evaluate_digits
 
     xt, yt = digits_16("test")
     xa, _ = digits_16("all")
@@ -510,7 +510,7 @@ and some fours as sixes. So its "fraction predicted 3" counts some nines: on the
 3 for {_pred3(ee):.3f} of all digits (true share of threes: 0.102). Compare fine-tuned models against the
 baseline numbers below, not against 0.1.
 
-## Rewards (`rlr_dist/rewards/digits.py`)
+## Rewards (`rlr_dist/toy_world/rewards.py`)
 - `digit_logprob` (`target: int = 3`, `path`: classifier folder, default the shipped one): log p(target | x) under
   the training classifier; differentiable; modality `image` (video is scored per frame and averaged over frames).
 - `digit_evaluator`: the same under the held-out evaluator — report it, do not train on it.

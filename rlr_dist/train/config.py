@@ -1,42 +1,38 @@
 """The training config: one YAML, one dataclass per component, dotted command-line overrides.
 
-``estimator`` and ``regulariser`` are registry entries written flat (``estimator: {name: rlr, h: 2}``,
-so ``--estimator.h=4`` works); they are validated by constructing them, and errors name the field.
+Registered components (``estimator``, ``regulariser``, ``reward``, ``eval_reward``) are written flat,
+``{name: rlr, h: 2}``, so ``--estimator.h=4`` works; their parameters are checked against the class when
+the config is read, and errors name the field.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rlr_dist.config import ConfigError, apply_overrides, build, check, load_yaml, to_dict
+from rlr_dist.config import Component, ConfigError, apply_overrides, build, check, load_yaml, to_dict
 from rlr_dist.models.config import ModelConfig
-from rlr_dist.rewards.config import RewardConfig
+from rlr_dist.rewards.config import RewardSpec
 
 
-def _construct(section: str, params: dict, registry_get, make) -> Any:
-    """Build ``make(**params)`` for a ``{name: ..., **kwargs}`` section with errors naming the field."""
-    params = dict(params)
-    name = params.pop("name", None)
-    check(isinstance(name, str), f"{section}.name", f"required; one of {registry_get.__self__.names()}")
-    try:
-        cls = registry_get(name)
-    except ValueError as e:
-        raise ConfigError(f"{section}.name: {e}") from None
-    sig = inspect.signature(cls.__init__)
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    unknown = [k for k in params if k not in sig.parameters or k == "self"]
-    if unknown and not takes_any:
-        known = [p for p in sig.parameters if p != "self"]
-        raise ConfigError(f"{section}.{unknown[0]}: unknown parameter of {name!r}; it takes {known} "
-                          f"(to switch {section} on the command line, replace the whole section: "
-                          f"--{section}='{{name: {name}}}')")
-    try:
-        return make(name, **params)
-    except (ValueError, TypeError) as e:
-        msg = str(e)
-        raise ConfigError(msg if msg.startswith(f"{section}.") else f"{section}: {msg}") from None
+class EstimatorSpec(Component):
+    """``estimator: {name: rlr, h: 2, ...}`` (``--estimator.h=4`` on the command line)."""
+
+    @classmethod
+    def registry(cls):
+        from rlr_dist.estimators import ESTIMATORS
+
+        return ESTIMATORS
+
+
+class RegulariserSpec(Component):
+    """``regulariser: {name: kl_exact, beta: 0.01}``."""
+
+    @classmethod
+    def registry(cls):
+        from rlr_dist.regularisers import REGULARISERS
+
+        return REGULARISERS
 
 
 @dataclass
@@ -170,10 +166,10 @@ class CheckpointConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    estimator: dict[str, Any] = field(default_factory=lambda: {"name": "rlr", "h": 2})
-    regulariser: dict[str, Any] = field(default_factory=lambda: {"name": "kl_exact", "beta": 0.01})
-    reward: RewardConfig = field(default_factory=lambda: RewardConfig(name="digit_logprob", params={"target": 3}))
-    eval_reward: RewardConfig | None = None
+    estimator: EstimatorSpec = field(default_factory=lambda: EstimatorSpec("rlr", {"h": 2}, "estimator"))
+    regulariser: RegulariserSpec = field(default_factory=lambda: RegulariserSpec("kl_exact", {"beta": 0.01}, "regulariser"))
+    reward: RewardSpec = field(default_factory=lambda: RewardSpec("digit_logprob", {"target": 3}, "reward"))
+    eval_reward: RewardSpec | None = None
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
@@ -190,17 +186,9 @@ class TrainConfig:
               "use zero_stage <= 2 with LoRA (its state is small), or finetune: full")
         est = self.make_estimator()
         self.make_regulariser()
-        if est.needs_reward_grad:
-            from rlr_dist.rewards import REWARDS, Reward, build_reward
-
-            cls = REWARDS.get(self.reward.name)
-            own = cls.__mro__[:cls.__mro__.index(Reward)]
-            # a class that declares it decides; a composite (weighted_sum, video_frames) decides per instance
-            differentiable = (cls.differentiable if any("differentiable" in vars(k) for k in own)
-                              else build_reward(self.reward).differentiable)
-            check(differentiable, "reward.name",
-                  f"{self.reward.name!r} is not differentiable, but estimator {self.estimator['name']!r} needs "
-                  "∂R/∂x_0 (use a black-box estimator, e.g. lr, or rlr with fo: false)")
+        check(not est.needs_reward_grad or self.reward.differentiable(), "reward.name",
+              f"{self.reward.name!r} is not differentiable, but estimator {self.estimator.name!r} needs "
+              "∂R/∂x_0 (use a black-box estimator, e.g. lr, or rlr with fo: false)")
 
     def check_schedule(self, schedule) -> None:
         """The estimator's demands on the sampler's chain (e.g. σ_k > 0 for likelihood-ratio steps),
@@ -212,14 +200,10 @@ class TrainConfig:
                               f"last_step_eta {self.model.last_step_eta}, {self.model.num_inference_steps} steps)") from None
 
     def make_estimator(self):
-        from rlr_dist.estimators import ESTIMATORS, make_estimator
-
-        return _construct("estimator", self.estimator, ESTIMATORS.get, make_estimator)
+        return self.estimator.build()
 
     def make_regulariser(self):
-        from rlr_dist.regularisers import REGULARISERS, make_regulariser
-
-        return _construct("regulariser", self.regulariser, REGULARISERS.get, make_regulariser)
+        return self.regulariser.build()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

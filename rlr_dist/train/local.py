@@ -71,7 +71,7 @@ def evaluate(model: DiffusionModel, n: int, target: int) -> dict:
     ``heldout`` (fraction read as ``target``), ``heldout_logp``, ``class_entropy`` (bits, of the predicted
     classes) and ``pairwise_l2`` (mean pairwise L2 distance of the images) — the last two measure diversity."""
     from rlr_dist.chain.trajectory import Plan, sample
-    from rlr_dist.rewards.digits import evaluate_digits
+    from rlr_dist.toy_world.rewards import evaluate_digits
 
     g = torch.Generator().manual_seed(123_457)
     with torch.no_grad():

@@ -36,7 +36,7 @@ def local_trial(point: dict, config: str, overrides: list[str], checkpoint_every
     iteration and the last evaluation: enough for PBT to continue a trial from another's checkpoint."""
     from ray import tune
 
-    from rlr_dist.bench.memory import MB, SavedTensorMeter
+    from rlr_dist.memory import MB, SavedTensorMeter
     from rlr_dist.models import load_model
     from rlr_dist.train.config import load_config
     from rlr_dist.train.local import make_optimizer, train_local

@@ -2,7 +2,7 @@
 
 1. :func:`measure_coefficients` — bytes autograd saves per input element of each unit kind, measured with
    :class:`SavedTensorMeter` on tiny diffusers / transformers units (fp32 and bf16 autocast; all weights
-   trained, or frozen weights with LoRA on the attention projections). ``rlr_dist.plan.COEF`` holds them.
+   trained, or frozen weights with LoRA on the attention projections). ``rlr_dist.planner.COEF`` holds them.
 2. :func:`validate` — whole tiny models built by :func:`rlr_dist.models.tiny.build_tiny` (and the shipped toy
    models): the planner's estimate of one CFG model call and of one ``rlr`` learner step's peak, against the
    measured saved-tensor peak of the project's own code path (``DiffusionModel.chain()`` and
@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlr_dist.bench.memory import SavedTensorMeter
+from rlr_dist.memory import SavedTensorMeter
 
 MB = 2**20
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+from rlr_dist.models.base import DiffusionModel
+
+LORA_TARGETS = tuple(DiffusionModel.default_lora_targets)  # the attention projections every adapter adapts
 C, HW, F, B = 32, 8, 4, 2        # unit width, spatial size, frames, batch of the calibration units
 
 
@@ -128,12 +130,12 @@ def _tensors(traj) -> list:
 
 def measure_case(model_cfg: dict, batch: int = 2, h: int = 2, T: int = 6) -> dict:
     """Measured vs estimated saved bytes of one model call and of one ``rlr`` learner step (LoRA or full)."""
-    from rlr_dist import plan as P
-    from rlr_dist.estimators import Advantages, make_estimator
+    from rlr_dist import planner as P
+    from rlr_dist.estimators import ESTIMATORS, Advantages
     from rlr_dist.models import load_model
     from rlr_dist.models.config import ModelConfig
     from rlr_dist.config import build
-    from rlr_dist.regularisers import make_regulariser
+    from rlr_dist.regularisers import REGULARISERS
     from rlr_dist.rewards import build_scorer
     from rlr_dist.train import step
 
@@ -152,11 +154,11 @@ def measure_case(model_cfg: dict, batch: int = 2, h: int = 2, T: int = 6) -> dic
     call_measured = meter.peak
     del mu
 
-    est = make_estimator("rlr", h=h, zo="lr_sampled", K=2)
+    est = ESTIMATORS.build("rlr", h=h, zo="lr_sampled", K=2)
     chunk = step.rollout(model, est, prompts, list(range(batch)), seed=0, version=0, with_reference=True)
     reward = "temporal_consistency" if model.video else "brightness"
     chunk = step.score(build_scorer({"name": reward}, model.decoder()), chunk, need_grad=True)
-    reg = make_regulariser("kl_exact", beta=0.01)
+    reg = REGULARISERS.build("kl_exact", beta=0.01)
     exclude = static + _tensors(chunk.traj) + [chunk.reward, chunk.reward_grad]
     t0 = time.perf_counter()
     with SavedTensorMeter(exclude) as meter:
@@ -169,7 +171,7 @@ def measure_case(model_cfg: dict, batch: int = 2, h: int = 2, T: int = 6) -> dic
     mult = batch * (2 if cfg.guidance_scale != 1.0 else 1)
     call_est = prof.saved_bytes(prec, "full" if cfg.finetune == "full" else "lora") * mult
     return {"call_measured": call_measured, "call_estimated": call_est, "step_measured": step_measured,
-            "step_estimated": P.segment_calls({"name": "rlr", "h": h}, {"name": "kl_exact"}, T)[0] * call_est, "latent": f"{arch.latent_hw[0]}x{arch.latent_hw[1]}"
+            "step_estimated": est.backprop(T, reg).segment * call_est, "latent": f"{arch.latent_hw[0]}x{arch.latent_hw[1]}"
             + (f"x{arch.frames}f" if arch.frames > 1 else ""), "seconds": seconds}
 
 
@@ -200,7 +202,7 @@ NOTES = """
 - **Assumed, not measured**: attention runs through a fused SDPA kernel (flash / memory-efficient: O(tokens)
   saved); if a GPU falls back to the math kernel (odd head sizes), each attention also saves
   heads × tokens² scores and the estimate is far too low. Optimizer / gradient bytes by ZeRO stage follow the
-  DeepSpeed rules in `rlr_dist/plan.py`; the no-grad working sets (sampler, reward without ∂R/∂x₀) are
+  DeepSpeed rules in `rlr_dist/planner.py`; the no-grad working sets (sampler, reward without ∂R/∂x₀) are
   3 × the largest unit input; 2 GB is reserved per GPU. Times are FLOPs (exact, from a meta-device pass) at
   35 % of the dense peak — rough.
 - **GPU validation pending**: no GPU was available to this work. The check to run when one is lent:
@@ -211,7 +213,7 @@ NOTES = """
 
 def main(out: str | None = "docs/results/plan.md", progress=print) -> str:
     """Measure the coefficients and the validation cases; write the report (markdown) to ``out``."""
-    from rlr_dist import plan as P
+    from rlr_dist import planner as P
 
     t0 = time.perf_counter()
     fresh = measure_coefficients()
@@ -219,11 +221,11 @@ def main(out: str | None = "docs/results/plan.md", progress=print) -> str:
                 for p in fresh for m in fresh[p] for k in fresh[p][m])
     rows = validate(progress)
     lines = ["# Planner estimate vs measured activation memory (CPU)", "",
-             "`rlr-dist bench plan` (`rlr_dist/bench/plan.py`); torch "
+             "`rlr-dist bench plan` (`rlr_dist/bench/planner.py`); torch "
              f"{torch.__version__}, {time.perf_counter() - t0:.0f} s on this machine. Bytes autograd saves for backward "
              "(`SavedTensorMeter`): one model call (both CFG branches when guided) at batch 2, and the peak of one "
              "`rlr` learner step (h = 2, `zo: lr_sampled`, K = 2, `kl_exact`, T = 6) run by "
-             "`rlr_dist.train.step.learn`. Estimates: `rlr_dist.plan` from the model's configs alone "
+             "`rlr_dist.train.step.learn`. Estimates: `rlr_dist.planner` from the model's configs alone "
              "(meta-device pass × the unit coefficients). Error = estimate / measured − 1.", "",
              "| case | latent | one call: measured MB | estimated MB | error | rlr step: measured MB | estimated MB | error |",
              "|---|---|---|---|---|---|---|---|"]
@@ -237,7 +239,7 @@ def main(out: str | None = "docs/results/plan.md", progress=print) -> str:
     lines += ["", f"Largest error: image / text-to-image {worst(img, 'call_error'):.1%} per call, "
               f"{worst(img, 'step_error'):.1%} per step; video {worst(vid, 'call_error'):.1%} per call, "
               f"{worst(vid, 'step_error'):.1%} per step. The unit coefficients re-measured in this run differ from "
-              f"the ones in `rlr_dist/plan.py` by at most {drift:.1%}."]
+              f"the ones in `rlr_dist/planner.py` by at most {drift:.1%}."]
     text = "\n".join(lines) + "\n" + NOTES
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

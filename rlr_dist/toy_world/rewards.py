@@ -1,4 +1,5 @@
-"""Digit rewards of the embedded toy world (``rlr_dist.toy_world``).
+"""Digit rewards of the embedded toy world, registered in :data:`rlr_dist.rewards.REWARDS` through the
+package's ``rlr_dist.rewards`` entry points (the core never imports the toy world).
 
 * ``digit_logprob``   — ``log p(target | image)`` under the *training* classifier (sklearn digits); the reward
   to fine-tune against. Differentiable.
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlr_dist.rewards.base import REWARDS, Reward, RewardError, check_param
+from rlr_dist.registry import check_param
+from rlr_dist.rewards.base import REWARDS, Reward, RewardError
 
 
 def _load(path: str | Path | None, default: str):
@@ -58,9 +60,9 @@ def _logprob(model: torch.nn.Module, images: Tensor, target: int) -> Tensor:
     return lp.reshape(-1, Fr).mean(1)
 
 
-def _check_target(name: str, target) -> int:
+def _check_target(target) -> int:
     ok = isinstance(target, int) and not isinstance(target, bool) and 0 <= target <= 9
-    check_param(name, "target", ok, f"must be a digit 0..9 (int), got {target!r}")
+    check_param("target", ok, f"must be a digit 0..9 (int), got {target!r}")
     return int(target)
 
 
@@ -74,8 +76,18 @@ class DigitLogProb(Reward):
 
     def __init__(self, target: int = 3, path: str | None = None):
         super().__init__()
-        self.target = _check_target(self.name, target)
+        self.target = _check_target(target)
         self.classifier = _load(path, self.default_asset)
+
+    @classmethod
+    def check_params(cls, target: int = 3, path: str | None = None) -> None:
+        _check_target(target)
+
+    def eval_metrics(self, images: Tensor, prompts: Sequence[str] | None = None) -> dict[str, float]:
+        """Diversity of the predicted classes (entropy in bits; log2 10 = 3.32 is uniform) and the mean
+        log p(target), under this reward's network."""
+        ev = _summary(self.classifier, images, self.target)
+        return {"class_entropy": ev["entropy_bits"], "logp_target": ev["mean_logp_target"]}
 
     def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
         return _logprob(self.classifier, images, self.target)
@@ -108,16 +120,7 @@ def _cached(path: str | None, default: str):
 
 
 @torch.no_grad()
-def evaluate_digits(images: Tensor, target: int | None = None, path: str | None = None,
-                    which: str = "evaluator") -> dict:
-    """Report numbers for images ``(B, 1, 16, W)`` (or video, per frame) in ``[0, 1]``.
-
-    ``which``: ``"evaluator"`` (default, held out) or ``"classifier"`` (the training reward); ``path``
-    overrides the folder. Returns ``n`` (images or frames scored), ``counts`` (predictions per class),
-    ``entropy_bits`` (of the predicted-class histogram; log2(10) = 3.32 is uniform), ``mean_confidence``
-    and, with ``target``: ``mean_logp_target``, ``std_logp_target`` and ``frac_target``.
-    """
-    model = _cached(str(path) if path else None, which)
+def _summary(model: torch.nn.Module, images: Tensor, target: int | None) -> dict:
     frames, _ = _to_frames(images)
     lp = torch.cat([torch.log_softmax(model(c).float(), 1) for c in frames.split(512)])
     pred = lp.argmax(1)
@@ -131,3 +134,15 @@ def evaluate_digits(images: Tensor, target: int | None = None, path: str | None 
         out.update(mean_logp_target=float(lp[:, t].mean()), std_logp_target=float(lp[:, t].std()) if len(lp) > 1 else 0.0,
                    frac_target=float((pred == t).float().mean()))
     return out
+
+
+def evaluate_digits(images: Tensor, target: int | None = None, path: str | None = None,
+                    which: str = "evaluator") -> dict:
+    """Report numbers for images ``(B, 1, 16, W)`` (or video, per frame) in ``[0, 1]``.
+
+    ``which``: ``"evaluator"`` (default, held out) or ``"classifier"`` (the training reward); ``path``
+    overrides the folder. Returns ``n`` (images or frames scored), ``counts`` (predictions per class),
+    ``entropy_bits`` (of the predicted-class histogram; log2(10) = 3.32 is uniform), ``mean_confidence``
+    and, with ``target``: ``mean_logp_target``, ``std_logp_target`` and ``frac_target``.
+    """
+    return _summary(_cached(str(path) if path else None, which), images, target)

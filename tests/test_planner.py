@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlr_dist import plan as P
+from rlr_dist import planner as P
 from rlr_dist.cli import main as cli
 from rlr_dist.models.config import ModelConfig
+from rlr_dist.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"sd15-aesthetic-lora.yaml": "sd15", "sd21-aesthetic-lora.yaml": "sd21",
@@ -50,7 +51,7 @@ def test_presets_match_the_published_parameter_counts():
 
 
 def test_coefficients_still_measure_the_same():
-    from rlr_dist.bench.plan import measure_coefficients
+    from rlr_dist.bench.planner import measure_coefficients
 
     fresh = measure_coefficients()
     for prec, modes in fresh.items():
@@ -65,7 +66,7 @@ def test_coefficients_still_measure_the_same():
     ({"layout": "t2v", "guidance_scale": 5.0}, 0.25, 0.25),   # temporal attention: see docs/results/plan.md
 ])
 def test_estimate_matches_measured_saved_bytes(tiny, case, call_tol, step_tol):
-    from rlr_dist.bench.plan import measure_case
+    from rlr_dist.bench.planner import measure_case
 
     case = dict(case)
     r = measure_case({"path": str(tiny[case.pop("layout")]), **case})
@@ -90,25 +91,25 @@ def test_plan_says_what_to_change(capsys):
     fix = [line for line in out.splitlines() if "to fit" in line]
     assert len(fix) == 2 and all(" --" in line for line in fix)      # reward and learner get a fix
     # applying the printed fix makes the learner fit
-    cfg_obj, reward = P.load(cfg, ["--model.gradient_checkpointing=false", "--cluster.learners.count=1",
-                                   "--cluster.samplers.count=1"])
-    learner = next(v for v in P.verdicts(cfg_obj, reward, "a10g-24gb", P.arch_of(cfg_obj.model, "sd15"))
+    cfg_obj = load_config(cfg, ["--model.gradient_checkpointing=false", "--cluster.learners.count=1",
+                                "--cluster.samplers.count=1"])
+    learner = next(v for v in P.verdicts(cfg_obj, "a10g-24gb", P.arch_of(cfg_obj.model, "sd15"))
                    if v.role.name == "learner")
     assert not learner.role.total <= learner.usable and learner.fits and learner.fix
-    fixed, _ = P.load(cfg, ["--model.gradient_checkpointing=false", "--cluster.learners.count=1",
-                            "--cluster.samplers.count=1", *learner.fix])
-    again = next(r for r in P.plan(fixed, reward, "a10g-24gb", P.arch_of(fixed.model, "sd15")) if r.name == "learner")
+    fixed = load_config(cfg, ["--model.gradient_checkpointing=false", "--cluster.learners.count=1",
+                              "--cluster.samplers.count=1", *learner.fix])
+    again = next(r for r in P.plan(fixed, "a10g-24gb", P.arch_of(fixed.model, "sd15")) if r.name == "learner")
     assert again.total <= P.usable_bytes("a10g-24gb", 1.0)
 
 
 def test_memory_rules():
-    cfg, reward = P.load(str(ROOT / "jobs/configs/sd15-aesthetic-lora.yaml"))
+    cfg = load_config(str(ROOT / "jobs/configs/sd15-aesthetic-lora.yaml"))
     arch = P.arch_of(cfg.model, "sd15")
-    base = {r.name: r for r in P.plan(cfg, reward, "h100-80gb", arch)}
+    base = {r.name: r for r in P.plan(cfg, "h100-80gb", arch)}
 
     def learner(*ov):
-        c, rw = P.load(str(ROOT / "jobs/configs/sd15-aesthetic-lora.yaml"), list(ov))
-        return next(r for r in P.plan(c, rw, "h100-80gb", arch) if r.name == "learner")
+        c = load_config(str(ROOT / "jobs/configs/sd15-aesthetic-lora.yaml"), list(ov))
+        return next(r for r in P.plan(c, "h100-80gb", arch) if r.name == "learner")
 
     h1, h4 = learner("--estimator.h=1", "--model.gradient_checkpointing=false"), \
         learner("--estimator.h=4", "--model.gradient_checkpointing=false")
@@ -124,13 +125,13 @@ def test_memory_rules():
 
 def test_reward_decodes_only_the_frames_it_reads():
     path = str(ROOT / "jobs/configs/zeroscope-aesthetic-lora.yaml")
-    arch = P.arch_of(P.load(path)[0].model, "zeroscope")
+    arch = P.arch_of(load_config(path).model, "zeroscope")
 
     def reward(*ov):
-        c, rw = P.load(path, ["--estimator.fo=true", *ov])  # with ∂R/∂x₀: decode activations are counted
-        return next(r for r in P.plan(c, rw, "h100-80gb", arch) if r.name == "reward")
+        c = load_config(path, ["--estimator.fo=true", *ov])  # with ∂R/∂x₀: decode activations are counted
+        return next(r for r in P.plan(c, "h100-80gb", arch) if r.name == "reward")
 
-    four, every = reward(), reward("--reward.params.temporal_weight=0.1")  # a temporal term reads all 16
+    four, every = reward(), reward("--reward.temporal_weight=0.1")  # a temporal term reads all 16
     assert "4 image(s) decoded" in four.notes[0] and "16 image(s) decoded" in every.notes[0]
     assert every.memory["vae decode activations"] == pytest.approx(4 * four.memory["vae decode activations"])
 
@@ -153,7 +154,7 @@ def test_real_model_config_loads_with_tiny_stand_ins(name, tiny, tiny_aesthetic)
     video = name.startswith("zeroscope")
     clip = f"clip={tiny_aesthetic / 'clip'}"
     head = f"head={tiny_aesthetic / 'head.safetensors'}"
-    key = "reward.params.reward.params" if video else "reward.params"
+    key = "reward.reward" if video else "reward"
     cfg = load_config(ROOT / "jobs/configs" / name, [
         f"--model.path={tiny['t2v' if video else 'sd']}", "--model.resolution=32", "--model.num_frames=4",
         "--model.num_inference_steps=3", f"--{key}.{clip}", f"--{key}.{head}", "--cluster.address=null"])

@@ -8,18 +8,21 @@ transformer, temporal conv, down/up sampler, VAE attention, CLIP layer, output h
 
 Activation bytes of one model call = Σ_units ``COEF[precision][mode][kind] × elements(unit)``, where the
 coefficients are bytes that autograd saves per input element of a unit, measured once on tiny instances with
-:class:`~rlr_dist.bench.memory.SavedTensorMeter` (``rlr-dist bench plan`` re-measures them and checks whole
+:class:`~rlr_dist.memory.SavedTensorMeter` (``rlr-dist bench plan`` re-measures them and checks whole
 models against this sum; ``docs/results/plan.md``). Memory per role:
 
 * learner: UNet weights (bf16 when ``deepspeed.bf16``) + frozen VAE / text encoder (fp32) + the frozen
   reference copy (full fine-tuning) + trainable parameters' gradients (fp32; ÷ world at ZeRO ≥ 2) and AdamW
   state (m, v and, with bf16, an fp32 master copy; ÷ world at ZeRO ≥ 1; 0 with CPU offload; ZeRO-3 also
-  partitions the weights) + activations of the longest back-propagated segment (``rlr``: 2h − 1 model calls;
-  ``lr``: 1; ``truncated_bp``: K; ``full_bp``: T, or one call + T latents when checkpointed; with
-  ``model.gradient_checkpointing`` one call + the inputs of the others) at the chunk size, × 2 with CFG.
+  partitions the weights) + activations of the longest back-propagated segment at the chunk size, × 2 with
+  CFG. The estimator says how long that segment is (:meth:`Estimator.backprop`: model calls, calls per step,
+  checkpointed or not); checkpointed (or ``model.gradient_checkpointing``): one call + the segment's inputs.
 * sampler: fp32 UNet (+ reference copy), text encoder, VAE; a no-grad working set (3 × the largest unit input).
-* reward: VAE and CLIP weights; with ∂R/∂x₀ the saved activations of decoding the frames the reward reads
-  (only those are decoded) and of CLIP on them (VAE slicing does not lower these); without, a no-grad working set.
+* reward: VAE and vision-tower weights (the reward says which towers it runs, :meth:`Reward.vision_tower`);
+  with ∂R/∂x₀ the saved activations of decoding the frames the reward reads (:meth:`Reward.reads_frames`; only
+  those are decoded) and of the towers on them (VAE slicing does not lower these); without, a no-grad working set.
+
+Nothing here names an estimator, reward or layout: each class answers for itself, so a plug-in plans unchanged.
 
 The chunk (samples per sampler call, reward call and learner backward) is ``batch / max(samplers, learners)``.
 Time: FLOPs / (peak × ``EFFICIENCY``) per role, roles in sequence — a rough estimate, not a benchmark.
@@ -54,7 +57,7 @@ GPUS = {g.name: g for g in (
 
 # Bytes autograd saves per input element of each unit kind: COEF[precision][mode][kind]. Modes: ``full`` (all
 # weights trained), ``lora`` (frozen weights + LoRA on the attention projections), ``frozen`` (no trained weight;
-# the VAE and CLIP under ∂R/∂x₀). Measured on CPU by rlr_dist.bench.plan.measure_coefficients() (diffusers
+# the VAE and CLIP under ∂R/∂x₀). Measured on CPU by rlr_dist.bench.planner.measure_coefficients() (diffusers
 # 0.42.1, torch 2.13, SDPA attention); tests/test_plan.py checks that a fresh measurement still gives them.
 _KINDS = ("ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D", "TemporalConvLayer",
           "TransformerTemporalModel", "Attention", "CLIPEncoderLayer", "head")
@@ -96,8 +99,6 @@ PRESETS = {
     "zeroscope": dict(unet_class="UNet3DConditionModel", text=_OPENCLIP_H_TEXT, vae=_SD_VAE, frames=24,
                       unet=_T2V_UNET, resolution=[320, 576]),
 }
-CLIP_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                       image_size=224, patch_size=14, projection_dim=768)
 TEXT_TOKENS = 77
 
 
@@ -111,6 +112,7 @@ class Arch:
 
     unet_class: str
     unet: dict
+    layout: str = ""                    # the model adapter (registered layout) that runs it
     vae: dict | None = None
     text: dict | None = None
     frames: int = 1                     # video frames of UNet3D latents (1 otherwise)
@@ -133,11 +135,13 @@ def arch_of(model_cfg, preset: str | None = None) -> Arch:
     if preset is not None:
         if preset not in PRESETS:
             raise PlanError(f"--arch: unknown preset {preset!r}; one of {sorted(PRESETS)}")
+        from rlr_dist.models.base import layout_of_unet_class
+
         p = copy.deepcopy(PRESETS[preset])
         res = model_cfg.resolution or p.pop("resolution", None)
-        a = Arch(p["unet_class"], p["unet"], p["vae"], p["text"], p["frames"])
+        a = Arch(p["unet_class"], p["unet"], layout_of_unet_class(p["unet_class"]), p["vae"], p["text"], p["frames"])
     else:
-        from rlr_dist.models import ModelError, resolve_model_folder
+        from rlr_dist.models import ModelError, detect_layout, resolve_model_folder
 
         try:
             folder = resolve_model_folder(model_cfg.path) if not str(model_cfg.path).startswith("s3://") else None
@@ -149,7 +153,8 @@ def arch_of(model_cfg, preset: str | None = None) -> Arch:
         read = lambda sub: json.loads((folder / sub / "config.json").read_text()) if (folder / sub / "config.json").is_file() else None  # noqa: E731
         unet = read("unet")
         meta = json.loads((folder / "rlr_model.json").read_text()) if (folder / "rlr_model.json").is_file() else {}
-        a = Arch(unet["_class_name"], unet, read("vae"), read("text_encoder"), int(meta.get("frames", 16)))
+        a = Arch(unet["_class_name"], unet, detect_layout(folder)[0], read("vae"), read("text_encoder"),
+                 int(meta.get("frames", 16)))
         res = model_cfg.resolution
         a.class_conditional = unet.get("num_class_embeds") is not None
         if a.text is not None:
@@ -297,54 +302,6 @@ class Role:
         return sum(self.memory.values())
 
 
-def _reward_specs(spec: dict) -> list[dict]:
-    """Every (nested) reward spec of a reward section (video_frames' reward, weighted_sum's parts)."""
-    params = spec.get("params") or {}
-    out = [spec]
-    if isinstance(params.get("reward"), dict):
-        out += _reward_specs(params["reward"])
-    for part in params.get("parts") or []:
-        out += _reward_specs(part)
-    return out
-
-
-def _frames_read(spec: dict, F: int) -> set[int] | None:
-    """The frames a reward section reads, as its reward's ``frames()`` would say (``None``: all); the reward
-    actor decodes only those."""
-    from rlr_dist.rewards.video import frame_indices
-
-    params = spec.get("params") or {}
-    if spec.get("name") == "video_frames" and not params.get("temporal_weight"):
-        return set(frame_indices(F, params.get("num_frames"), params.get("frame_stride")))
-    if spec.get("name") == "weighted_sum":
-        parts = [_frames_read(p, F) for p in params.get("parts") or []]
-        return None if not parts or any(f is None for f in parts) else set().union(*parts)
-    return None
-
-
-def segment_calls(est: dict, regulariser: dict, T: int) -> tuple[int, int, bool]:
-    """(model calls in the longest back-propagated segment, calls back-propagated per step, checkpointed).
-
-    ``rlr``'s half-order block re-runs h trained calls and, for the in-block pathwise KL terms (every
-    regulariser but ``kl_dpok``), h − 1 reference calls differentiated in x: 2h − 1 calls (measured: 1.00,
-    3.01, 7.02 × one call for h = 1, 2, 4 on the tiny SD model)."""
-    name = est["name"]
-    if name == "rlr":
-        h = int(est.get("h", 2))
-        zo = est.get("zo", "lr")
-        rest = {"lr": T - h - 1, "lr_sampled": int(est.get("K", 4))}.get(zo, 2)
-        seg = h if regulariser.get("name") == "kl_dpok" else 2 * h - 1
-        return seg, int(est.get("fo", True)) + seg + max(rest, 0), False
-    if name == "lr":
-        k = est.get("K") or T
-        return 1, int(k), False
-    if name in ("truncated_bp", "full_bp"):
-        k = T if name == "full_bp" else int(est.get("k_max") or est.get("K", 1))
-        ckpt = bool(est.get("checkpoint", name == "full_bp"))
-        return k, k, ckpt
-    raise PlanError(f"estimator {name!r}: the planner knows rlr, lr, truncated_bp, full_bp")
-
-
 _CACHE: dict = {}
 
 
@@ -357,8 +314,11 @@ def _profiles(arch: Arch):
     return _CACHE[key]
 
 
-def plan(cfg, reward_spec: dict, gpu: str, arch: Arch) -> list[Role]:
-    """The three roles of ``cfg`` (a TrainConfig) on ``gpu``; ``reward_spec`` is the raw reward section."""
+def plan(cfg, gpu: str, arch: Arch) -> list[Role]:
+    """The three roles of ``cfg`` (a TrainConfig) on ``gpu``. Nothing is loaded: the reward is asked what it
+    reads from its parameters alone, so planning works before its weights are staged."""
+    from rlr_dist.models import MODELS
+
     if gpu not in GPUS:
         raise PlanError(f"--gpu: unknown GPU {gpu!r}; one of {sorted(GPUS)}")
     g = GPUS[gpu]
@@ -374,17 +334,18 @@ def plan(cfg, reward_spec: dict, gpu: str, arch: Arch) -> list[Role]:
 
     up, unet, n_text, vae_p, n_vae = _profiles(arch)
     n_unet = up.params
-    targets = m.lora.target_modules or ["to_q", "to_k", "to_v", "to_out.0"] + (
-        ["conv1", "conv2"] if arch.unet_class == "UNet2DModel" else [])
+    targets = m.lora.target_modules or MODELS.get(arch.layout, "model.layout").default_lora_targets
     n_train = lora_params(unet, m.lora.rank, targets) if m.finetune == "lora" else n_unet
     latent = arch.unet.get("in_channels", 4) * arch.frames * arch.latent_hw[0] * arch.latent_hw[1] * 4
     call = up.saved_bytes(prec, "full" if m.finetune == "full" else "lora") * chunk * cfg_mult      # one (CFG) model call at the chunk size
     frozen = (n_text + n_vae) * 4
 
     # learner
-    seg, bp_calls, ckpt = segment_calls(cfg.estimator, cfg.regulariser, T)
-    if m.gradient_checkpointing or ckpt:
-        act = call + (seg if not ckpt else T) * latent * chunk * cfg_mult
+    est = cfg.make_estimator()
+    bp = est.backprop(T, cfg.make_regulariser())
+    seg, bp_calls, ckpt = bp.segment, bp.calls, bp.checkpointed
+    if m.gradient_checkpointing or ckpt:  # one call's activations + the inputs kept per checkpoint
+        act = call + (bp.steps if ckpt else seg) * latent * chunk * cfg_mult
         recompute = 4 / 3
     else:
         act, recompute = seg * call, 1.0
@@ -397,7 +358,7 @@ def plan(cfg, reward_spec: dict, gpu: str, arch: Arch) -> list[Role]:
                    "gradients": grads, "optimizer state": optim, "activations": act,
                    "trajectory": 3 * T * latent * chunk}
     per_learner = math.ceil(chunks / world)
-    learner_s = per_learner * bp_calls * 3 * recompute * cfg_mult * chunk * up.flops / flops_per_s
+    learner_s = per_learner * (bp_calls * 3 * recompute + bp.forward_calls) * cfg_mult * chunk * up.flops / flops_per_s
     learner = Role("learner", learner_mem, learner_s, c.learners.num_gpus,
                    [f"{n_train / 1e6:.2f} M trainable of {n_unet / 1e6:.0f} M; chunk {chunk}; longest segment "
                     f"{seg} call(s){' (checkpointed)' if m.gradient_checkpointing or ckpt else ''}; "
@@ -411,36 +372,30 @@ def plan(cfg, reward_spec: dict, gpu: str, arch: Arch) -> list[Role]:
     sampler = Role("sampler", sampler_mem, sampler_s, c.samplers.num_gpus, ["with the reference model each step (KL)"])
 
     # reward
-    specs = _reward_specs(reward_spec)
-    need_grad = cfg.make_estimator().needs_reward_grad
-    scored = arch.frames
-    for s in specs:
-        p = s.get("params") or {}
-        if s.get("name") == "video_frames":
-            from rlr_dist.rewards.video import frame_indices
-
-            scored = len(frame_indices(arch.frames, p.get("num_frames"), p.get("frame_stride")))
-    clip = None
-    if any(s.get("name") == "aesthetic" for s in specs):
-        path = next((s.get("params") or {}).get("clip", "") for s in specs if s.get("name") == "aesthetic")
-        local = Path(str(path)) / "config.json"
-        conf = json.loads(local.read_text()) if local.is_file() else CLIP_L14_VISION
-        clip = _CACHE.get(repr(conf)) or _CACHE.setdefault(repr(conf), clip_profile(conf))
-    read = _frames_read(reward_spec, arch.frames)
-    images = chunk * (arch.frames if read is None else len(read))
-    reward_mem = {"vae weights": n_vae * 4, "clip weights": clip.params * 4 if clip else 0.0}
-    fl = images * (vae_p.flops if vae_p else 0) + chunk * scored * (clip.flops if clip else 0)
-    notes = [f"{images} image(s) decoded per chunk, {chunk * scored} scored"]
+    rspec = cfg.reward
+    reward_cls = rspec.cls
+    need_grad = est.needs_reward_grad
+    read = reward_cls.reads_frames(rspec.params, arch.frames) if arch.frames > 1 else None
+    frames = arch.frames if read is None else len(read)
+    towers = []
+    for conf in reward_cls.vision_tower(rspec.params):
+        key = repr(conf)
+        towers.append(_CACHE.get(key) or _CACHE.setdefault(key, clip_profile(conf)))
+    images = chunk * frames
+    scored = images
+    reward_mem = {"vae weights": n_vae * 4, "vision tower weights": sum(t.params for t in towers) * 4}
+    fl = images * (vae_p.flops if vae_p else 0) + scored * sum(t.flops for t in towers)
+    notes = [f"{images} image(s) decoded per chunk, {scored} scored"]
     if need_grad:
         reward_mem["vae decode activations"] = images * vae_p.saved_bytes("fp32", "frozen") if vae_p else 0.0
-        reward_mem["clip activations"] = chunk * scored * clip.saved_bytes("fp32", "frozen") if clip else 0.0
+        reward_mem["vision tower activations"] = scored * sum(t.saved_bytes("fp32", "frozen") for t in towers)
         fl *= 3
         notes.append("∂R/∂x₀: every decoded frame stays in the graph (vae_slicing does not lower this; "
                      "only the frames the reward reads are decoded)")
     else:
         per = 1 if m.vae_slicing else images
         reward_mem["working set"] = INFER_FACTOR * 4 * max(per * (vae_p.largest_input() if vae_p else 0),
-                                                            chunk * scored * (clip.largest_input() if clip else 0))
+                                                            scored * max((t.largest_input() for t in towers), default=0))
     reward_s = math.ceil(chunks / c.rewards.count) * fl / (g.bf16_tflops * 1e12 * EFFICIENCY * 0.5)
     reward = Role("reward", reward_mem, reward_s, c.rewards.num_gpus, notes)
     return [sampler, reward, learner]
@@ -453,7 +408,7 @@ def usable_bytes(gpu: str, share: float) -> float:
 
 # Candidate changes per role, as config overrides, in the order they are tried (cheapest to the recipe first).
 def _candidates(cfg, role: str) -> list[list[str]]:
-    m, ds, c, est = cfg.model, cfg.deepspeed, cfg.cluster, cfg.estimator
+    m, ds, c = cfg.model, cfg.deepspeed, cfg.cluster
     out: list[list[str]] = []
     if role == "learner":
         if not m.gradient_checkpointing:
@@ -468,8 +423,7 @@ def _candidates(cfg, role: str) -> list[list[str]]:
             out.append(["--model.finetune=lora", "--deepspeed.zero_stage=2"])
         elif m.lora.rank > 4:
             out.append([f"--model.lora.rank={m.lora.rank // 2}"])
-        if est["name"] == "rlr" and int(est.get("h", 2)) > 1:
-            out.append([f"--estimator.h={max(1, int(est.get('h', 2)) // 2)}"])
+        out += cfg.make_estimator().memory_overrides()
         out.append([f"--cluster.learners.count={2 * c.learners.count}"])
     else:
         out.append([f"--cluster.samplers.count={2 * c.samplers.count}"])
@@ -491,13 +445,13 @@ class Verdict:
     fixed_total: float | None = None
 
 
-def verdicts(cfg, reward_spec: dict, gpu: str, arch: Arch) -> list[Verdict]:
+def verdicts(cfg, gpu: str, arch: Arch) -> list[Verdict]:
     """Each role's plan, whether it fits, and (when not) a greedy set of overrides after which it does."""
     from rlr_dist.config import ConfigError, apply_overrides, build, to_dict
     from rlr_dist.train.config import TrainConfig
 
     out = []
-    for role in plan(cfg, reward_spec, gpu, arch):
+    for role in plan(cfg, gpu, arch):
         v = Verdict(role, False, usable_bytes(gpu, role.gpus or 1.0))
         v.fits = role.total <= v.usable
         cur, over = cfg, role.total - v.usable
@@ -508,7 +462,7 @@ def verdicts(cfg, reward_spec: dict, gpu: str, arch: Arch) -> list[Verdict]:
                     nxt = build(TrainConfig, apply_overrides(to_dict(cur), ov))
                 except ConfigError:
                     continue
-                r = next(x for x in plan(nxt, reward_spec, gpu, arch) if x.name == role.name)
+                r = next(x for x in plan(nxt, gpu, arch) if x.name == role.name)
                 o = r.total - usable_bytes(gpu, r.gpus or 1.0)
                 if best is None or o < best[0]:
                     best = (o, ov, nxt, r.total)
@@ -522,23 +476,13 @@ def verdicts(cfg, reward_spec: dict, gpu: str, arch: Arch) -> list[Verdict]:
     return out
 
 
-def load(path: str, overrides: list[str] | None = None):
-    """``(TrainConfig, raw reward section)``. The reward section is read as data (its weights are not loaded):
-    the config is built with the default reward, so planning works before the reward weights are staged."""
-    from rlr_dist.config import apply_overrides, build, load_yaml
-    from rlr_dist.train.config import TrainConfig
-
-    data = apply_overrides(load_yaml(path), overrides or [])
-    reward = data.pop("reward", None) or {"name": "digit_logprob"}
-    data.pop("eval_reward", None)
-    return build(TrainConfig, data), reward
-
-
 def report(path: str, gpu: str, overrides: list[str] | None = None, preset: str | None = None) -> tuple[str, bool]:
     """The text `rlr-dist plan` prints, and whether every GPU role fits."""
-    cfg, reward = load(path, overrides)
+    from rlr_dist.train.config import load_config
+
+    cfg = load_config(path, overrides)
     arch = arch_of(cfg.model, preset)
-    vs = verdicts(cfg, reward, gpu, arch)
+    vs = verdicts(cfg, gpu, arch)
     g = GPUS[gpu]
     lines = [f"plan for {path} on {gpu} ({g.memory_gb:g} GB, {g.bf16_tflops:g} bf16 TFLOPS dense); "
              f"latent {arch.latent_hw[0]}x{arch.latent_hw[1]}" + (f", {arch.frames} frames" if arch.frames > 1 else "")
