@@ -122,11 +122,10 @@ def _model_prompts(args: argparse.Namespace):
 def _draw(model, prompts, seed):
     import torch
 
-    from rlr_dist.chain.trajectory import Plan, sample
+    from rlr_dist.train.step import draw
 
-    g = torch.Generator().manual_seed(seed)
+    x0 = draw(model, prompts, seed)
     with torch.no_grad():
-        x0 = sample(model.chain(), model.initial_noise(len(prompts), g), Plan(), model.encode_prompts(prompts), g).x0
         return x0, model.decode(x0)
 
 
@@ -154,15 +153,56 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
+    """Serve the MLflow UI on 127.0.0.1 and print the direct link to the run (model-training view). The
+    server runs in its own process group; SIGTERM / SIGINT / SIGHUP to this command stop all of it."""
+    import json
+    import signal
     import subprocess
+    import time
+    import urllib.request
     from pathlib import Path
 
-    from rlr_dist.pipeline.tracking import tracking_uri
+    from rlr_dist.pipeline.run import RUN_FILE
+    from rlr_dist.pipeline.tracking import run_link, tracking_uri
 
-    uri = args.uri or tracking_uri(None, Path(args.output_dir))
-    print(f"[rlr-dist] MLflow UI for {uri} at http://127.0.0.1:{args.port}", flush=True)
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port),
-                            "--backend-store-uri", uri])
+    out = Path(args.output_dir)
+    uri = args.uri or tracking_uri(None, out)
+    base = f"http://127.0.0.1:{args.port}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port),
+                               "--backend-store-uri", uri], start_new_session=True)
+
+    def stop(signum=None, frame=None) -> None:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+        if signum is not None:
+            raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+    try:
+        print(f"[rlr-dist] starting the MLflow UI for {uri} at {base} ...", flush=True)
+        for _ in range(240):
+            if server.poll() is not None:
+                print(f"rlr-dist ui: the MLflow server exited with code {server.returncode}", file=sys.stderr)
+                return 2
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        run_file = out / RUN_FILE
+        if args.uri is None and run_file.is_file():
+            run = json.loads(run_file.read_text())
+            print(f"[rlr-dist] run {run['name']}: {run_link(base, uri, run['run_id'])}", flush=True)
+        else:
+            print(f"[rlr-dist] experiments: {base}/#/experiments?workflowType=machine_learning", flush=True)
+        return server.wait()
+    finally:
+        stop()
 
 
 def _add_run_commands(sub) -> None:
@@ -283,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     from rlr_dist.config import ConfigError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if os.getcwd() not in sys.path:  # module:Class plug-ins import from where you run, as with python -m
+        sys.path.insert(0, os.getcwd())
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     bad = [e for e in extra if not (e.startswith("--") and "=" in e)]

@@ -33,7 +33,6 @@ import copy
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn

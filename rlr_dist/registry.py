@@ -93,8 +93,9 @@ class Registry(Generic[T]):
         else:
             raise ConfigError(f"{field}: unknown {self.kind} {name!r}; choose one of {self.names()} "
                               "(or give module:Class for one of your own)")
-        self._items.setdefault(name, obj)
-        if not hasattr(obj, "registry_name"):
+        if ":" not in name:  # a loaded entry point joins the registry; a module:Class stays the user's
+            self._items.setdefault(name, obj)
+        if "registry_name" not in vars(obj):  # not a name inherited from a registered parent
             setattr(obj, "registry_name", name)
         return obj
 
@@ -150,8 +151,13 @@ class Registry(Generic[T]):
             hints = {}
         out = {k: coerce(hints[k], v, _join(where, k)) if k in hints else v for k, v in params.items()}
         hook = getattr(cls, "check_params", None)
-        if hook is not None:
-            self._call(hook, where, name, **out)
+        if hook is not None:  # called with the parameters it names (an inherited hook knows its class's only)
+            hp = inspect.signature(hook).parameters
+            if not any(p.kind is p.VAR_KEYWORD for p in hp.values()):
+                out_for_hook = {k: v for k, v in out.items() if k in hp}
+            else:
+                out_for_hook = out
+            self._call(hook, where, name, **out_for_hook)
         return out
 
     def build(self, name: str, params: dict | None = None, where: str | None = None, /, **more: Any) -> T:

@@ -37,7 +37,7 @@ def s3_server(tmp_path_factory):
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="rlr-test")
-    yield f"s3://rlr-test"
+    yield "s3://rlr-test"
     server.stop()
     for k, v in old.items():
         if v is None:

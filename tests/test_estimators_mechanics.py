@@ -7,7 +7,7 @@ from rlr_dist.estimators import ESTIMATORS, Advantages, Batch, backward_terms
 from rlr_dist.estimators.advantages import leave_one_out_mean
 from rlr_dist.estimators.rlr import RLR
 from rlr_dist.regularisers import REGULARISERS
-from rlr_dist.toy import MLPChain, bump_reward
+from rlr_dist.chain.tiny import MLPChain, bump_reward
 
 
 def make_batch(est, chain=None, reg=None, adv=None, seed=0, m=16):

@@ -13,8 +13,8 @@ import torch
 from rlr_dist.estimators import ESTIMATORS
 from rlr_dist.estimators.rlr import RLR
 from rlr_dist.regularisers import REGULARISERS
-from rlr_dist.toy import (LinearChain, MLPChain, bonferroni_threshold, bump_reward, call_means, estimate,
-                          quadratic_reward, z_scores)
+from rlr_dist.chain.tiny import LinearChain, MLPChain, bump_reward, quadratic_reward
+from rlr_dist.estimators.montecarlo import bonferroni_threshold, call_means, estimate, z_scores
 
 TARGET = torch.tensor([0.5, -0.3], dtype=torch.float64)
 T = 6

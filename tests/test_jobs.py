@@ -64,5 +64,54 @@ def test_digits_job_succeeds_and_is_tracked(ray_head, tmp_path, monkeypatch):
     run = json.loads((out / "run.json").read_text())
     mlflow = MlflowClient(run["tracking_uri"])
     assert mlflow.get_run(run["run_id"]).info.status == "FINISHED"
-    assert [m.step for m in mlflow.get_metric_history(run["run_id"], "reward.mean")] == [1, 2]
-    assert [m.step for m in mlflow.get_metric_history(run["run_id"], "eval.heldout")] == [0, 2]
+    assert [m.step for m in mlflow.get_metric_history(run["run_id"], "reward/mean")] == [1, 2]
+    assert [m.step for m in mlflow.get_metric_history(run["run_id"], "eval/heldout")] == [0, 2]
+    # what a person sees first: description and headline tags, model-training experiment, no broken Default
+    info = mlflow.get_run(run["run_id"])
+    tags = info.data.tags
+    assert tags["rlr.estimator"].startswith("rlr (h=2") and tags["rlr.reward"] == "digit_logprob (target=3)"
+    assert tags["rlr.regulariser"] == "kl_exact (beta=0.2)" and tags["rlr.model"].startswith("toy:digits (full")
+    assert "Fine-tuning toy:digits" in tags["mlflow.note.content"]
+    exp = mlflow.get_experiment(info.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert [e.name for e in mlflow.search_experiments()] == ["rlr-dist"]  # the empty "Default" is gone
+    metrics = info.data.metrics
+    assert {"loss/total", "loss/zo", "loss/fo", "loss/ho", "step_loss/zo_03"} <= set(metrics)  # padded to 2 digits
+    assert not any(k.startswith("loss/zo:") for k in metrics)
+
+    _ui_prints_the_run_link_and_stops_its_server(out, run)
+
+
+def _ui_prints_the_run_link_and_stops_its_server(out: Path, run: dict) -> None:
+    """``rlr-dist ui``: prints the direct link to the run (model-training view); SIGTERM stops its server too."""
+    import signal
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "rlr_dist.cli", "ui", "--output-dir", str(out), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        link = None
+        deadline = time.time() + 120
+        while time.time() < deadline and link is None:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            if "/runs/" in line:
+                link = line.split(": ", 1)[1].strip()
+        assert link == (f"http://127.0.0.1:{port}/#/experiments/{MlflowClientExp(run)}/runs/{run['run_id']}"
+                        "?workflowType=machine_learning"), link
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).status == 200
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        with pytest.raises(OSError):  # nothing listens any more: the server went with it
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def MlflowClientExp(run: dict) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(run["tracking_uri"]).get_run(run["run_id"]).info.experiment_id

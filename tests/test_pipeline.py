@@ -81,15 +81,15 @@ def test_train_tracks_checkpoints_and_resumes_to_the_single_process_result(ray_c
     run = client.get_run(first["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["estimator.h"] == "1" and run.data.params["model.finetune"] == "lora"
-    assert [m.step for m in client.get_metric_history(first["run_id"], "reward.mean")] == [1, 2, 3, 4]
-    for key in ("kl.sampled", "grad_norm", "time.sync", "samples_per_s", "eval.reward"):
+    assert [m.step for m in client.get_metric_history(first["run_id"], "reward/mean")] == [1, 2, 3, 4]
+    for key in ("kl/sampled", "grad_norm", "time/sync", "samples_per_s", "eval/reward"):
         assert client.get_metric_history(first["run_id"], key), key
     assert all(m.value > 0 for m in client.get_metric_history(first["run_id"], "grad_norm"))
     arts = {a.path for a in client.list_artifacts(first["run_id"])}
     assert {"config.yaml", "reward_curve.png", "samples"} <= arts
     assert {a.path for a in client.list_artifacts(first["run_id"], "samples")} == {
         "samples/iter_00000.png", "samples/iter_00002.png", "samples/iter_00004.png"}  # 0: before training
-    assert [m.step for m in client.get_metric_history(first["run_id"], "eval.reward")] == [0, 2, 4]
+    assert [m.step for m in client.get_metric_history(first["run_id"], "eval/reward")] == [0, 2, 4]
 
     model, history = train_local(_cfg(tiny["pixel"], tmp_path / "local"))
     local = model.trained_state()
@@ -99,8 +99,67 @@ def test_train_tracks_checkpoints_and_resumes_to_the_single_process_result(ray_c
     # Adam divides by √v of tiny gradients, so float rounding of the DDP average shows up at ~1e-5
     for k in local:
         torch.testing.assert_close(exported[k], local[k], rtol=1e-3, atol=1e-4)
-    steps = sorted(client.get_metric_history(first["run_id"], "reward.mean"), key=lambda m: m.step)
-    assert [m.value for m in steps] == pytest.approx([h["reward/mean"] for h in history], rel=1e-4)
+    for key in ("reward/mean", "kl/sampled", "loss/total", "loss/zo"):  # 2 learners' shares summed = 1 process
+        steps = sorted(client.get_metric_history(first["run_id"], key), key=lambda m: m.step)
+        assert [m.value for m in steps] == pytest.approx([h[key] for h in history], rel=1e-4, abs=1e-7), key
+
+
+TRANSPORT = ("time/", "samples_per_s", "weights_version", "actor_restarts")  # what only the Ray loop measures
+
+
+def test_both_loops_run_one_iteration_skeleton(ray_cluster, tiny, tmp_path):
+    """Serial layout, identical seeds: the Ray pipeline logs exactly the per-iteration metrics of the
+    single-process loop — with a reward that fails on every third sample (dropped, not trained on as 0) and
+    the RLR block start drawn by the softmax law of the gradient norms the learners measure."""
+    from mlflow.tracking import MlflowClient
+
+    from rlr_dist.estimators.rlr import RLR
+    from rlr_dist.pipeline.run import train
+    from rlr_dist.train.learner import Learner
+    from rlr_dist.train.local import train_local
+
+    over = {"model.num_inference_steps": 6, "estimator": {"name": "rlr", "h": 1, "j_law": "softmax", "temperature": 0.2},
+            "reward": {"name": "jobs.plugins.example:Flaky", "every": 3, "on_nonfinite": "drop"},
+            "eval_reward": {"name": "jobs.plugins.example:CentreBrightness"}, "train.iterations": 6,
+            "train.samples_per_prompt": 4, "train.eval_every": 3, "checkpoint.every": 3,
+            **{f"cluster.{r}.count": 1 for r in ("samplers", "rewards", "learners")}}
+    cfg = _cfg(tiny["pixel"], tmp_path / "ray", **over)
+    out = train(cfg)
+    local_cfg = _cfg(tiny["pixel"], tmp_path / "local", **over)
+    from rlr_dist.models import load_model
+
+    torch.manual_seed(local_cfg.train.seed)  # as train_local and every learner do before building the model
+    model = load_model(local_cfg.model)
+    learner = Learner(local_cfg, model.schedule())
+    _, history = train_local(local_cfg, model=model, learner=learner)
+
+    client = MlflowClient(out["tracking_uri"])
+    run = client.get_run(out["run_id"])
+    logged = {k for k in run.data.metrics if not k.startswith(TRANSPORT)}
+    local_keys = {k for h in history for k in h if not k.startswith(TRANSPORT)}
+    assert logged == local_keys, logged ^ local_keys
+    for key in sorted(local_keys):
+        ray_pts = {m.step: m.value for m in client.get_metric_history(out["run_id"], key) if m.step > 0}
+        local_pts = {i + 1: h[key] for i, h in enumerate(history) if key in h}
+        assert ray_pts.keys() == local_pts.keys(), key
+        assert [ray_pts[i] for i in sorted(ray_pts)] == pytest.approx(
+            [local_pts[i] for i in sorted(local_pts)], rel=1e-4, abs=1e-6), key
+    # dropped, not trained on: 3 of every 8 samples (indices 1, 4, 7 of the chunk)
+    assert all(h["reward/dropped"] == 3 and h["samples"] == 5 for h in history)
+
+    # the softmax law: uniform until norms exist, then driven by them (and the draws follow it)
+    assert history[0]["plan/j_tv"] == 0 and all(h["plan/j_tv"] > 0.2 for h in history[1:])
+    est = RLR(h=1, j_law="softmax", temperature=0.2)
+    ckpt = json.loads(open(f"{out['checkpoint']}/state.json").read())
+    est.load_state_dict(ckpt["learner"]["estimator"])
+    assert est.step_norm and est.step_norm == pytest.approx(learner.estimator.step_norm, rel=1e-4)
+    law = est.j_probabilities(6)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([est.plan(model.schedule(), g).j for _ in range(4000)])
+    for j, p in law.items():
+        freq = float((draws == j).double().mean())
+        assert abs(freq - p) < 4 * (p * (1 - p) / 4000) ** 0.5 + 1e-3, (j, freq, p)
+    assert max(law.values()) > 0.5  # far from uniform (0.2 each)
 
 
 def test_text_to_image_run_survives_a_killed_sampler(ray_cluster, tiny, tmp_path, monkeypatch):
@@ -138,13 +197,13 @@ def test_weight_sync_mismatch_fails_loudly(ray_cluster, tiny, tmp_path):
 
     from rlr_dist.config import to_dict
     from rlr_dist.models import load_model
-    from rlr_dist.pipeline.controller import Controller, WeightSyncError
-    from rlr_dist.pipeline.learner import state_hash
+    from rlr_dist.pipeline.engine import state_hash
+    from rlr_dist.pipeline.pools import ActorPools, WeightSyncError
     from rlr_dist.pipeline.workers import SamplerWorker, probe_output
 
     cfg = _cfg(tiny["pixel"], tmp_path)
     sampler = ray.remote(SamplerWorker).remote(to_dict(cfg), 0)
-    ctl = Controller(cfg, [sampler], [], need_grad=True)
+    ctl = ActorPools(cfg, [sampler], [], need_grad=True)
     model = load_model(cfg.model)
     with torch.no_grad():
         for p in model.trainable_parameters():

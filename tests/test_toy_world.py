@@ -12,7 +12,8 @@ import torch
 
 from rlr_dist.storage import verify_manifest
 from rlr_dist.toy_world import ASSETS, asset_path
-from rlr_dist.toy_world.pretrain import NUM_CLASSES, load_model, pretrain_model, sample, sample_classes, to01
+from rlr_dist.toy_world.report import sample_classes, to01
+from rlr_dist.toy_world.train import NUM_CLASSES, pretrain_model
 
 # Measured (1 thread): a 150-step run of batch 64, seed 0, reached held-out accuracy 0.57 with 10 samples per
 # class of 10-step DDIM (seed 0; 0.57-0.69 over sampling seeds 0/1 and 10/20 steps); the training classifier 0.82.
@@ -55,9 +56,11 @@ def test_shipped_checkpoints_load_and_reach_the_documented_accuracy():
     acc = sum(evaluate_digits(to01(x[y == c]), c)["frac_target"] for c in range(NUM_CLASSES)) / NUM_CLASSES
     assert acc >= documented - SHIPPED_MARGIN, f"shipped digits: accuracy {acc:.3f}, documented {documented:.3f}"
     # the video twin: loads, samples clips of the documented shape that are mostly recognised per frame
-    unet, sched, meta = load_model(asset_path("moving-digits"))
-    assert meta["layout"] == "pixel_video" and meta["frames"] == 8 and unet.config.in_channels == 8
-    v = sample(unet, sched, torch.arange(10), steps=20, seed=0, frames=8)
+    from rlr_dist.models import load_model
+
+    video = load_model("toy:moving-digits")
+    assert video.layout == "pixel_video" and video.frames == 8 and video.unet.config.in_channels == 8
+    v, _ = sample_classes(asset_path("moving-digits"), per_class=1, seed=0, steps=20)
     assert v.shape == (10, 1, 8, 16, 24)
     vdoc = baseline["moving-digits"]["guidance"]["1.0"]["evaluator_acc_mean"]
     vacc = sum(evaluate_digits(to01(v[c:c + 1]), c)["frac_target"] for c in range(10)) / 10
@@ -106,10 +109,14 @@ def test_short_moving_digits_pretrain_writes_a_valid_folder(tmp_path):
     out = tmp_path / "moving"
     pretrain_model("moving-digits", out, steps=3, seed=0, batch=8, log=_quiet, command="test")
     verify_manifest(out)
-    unet, sched, meta = load_model(out)
+    from rlr_dist.models import load_model
+    from rlr_dist.toy_world.report import sample_prompts
+
+    meta = json.loads((out / "rlr_model.json").read_text())
     assert meta["layout"] == "pixel_video" and meta["frames"] == 8 and meta["sample_size"] == [16, 24]
-    assert unet.config.in_channels == unet.config.out_channels == 8
-    v = sample(unet, sched, torch.tensor([3, 10]), steps=2, seed=0, frames=8)
+    model = load_model(str(out))
+    assert model.unet.config.in_channels == model.unet.config.out_channels == 8
+    v = sample_prompts(out, ["3", ""], steps=2, seed=0)  # a class and the null class
     assert v.shape == (2, 1, 8, 16, 24) and torch.isfinite(v).all()
 
 

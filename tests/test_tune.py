@@ -77,10 +77,10 @@ def test_asha_sweep_tracks_nested_runs_reports_and_resumes(ray_cluster, tmp_path
     assert lr_status[1e-7] == "completed"  # the lowest KL at every rung
     assert lr_status[1e-2] == lr_status[3e-2] == "stopped early"  # far above the trials that reached the rungs
     for r in table:  # every objective reported
-        for key in ("eval/heldout", "kl/sampled", "diversity/pairwise_l2", "diversity/class_entropy", "time/trial",
+        for key in ("eval/heldout", "kl/sampled", "eval/pairwise_l2", "eval/class_entropy", "time/trial",
                     "memory/peak_rss_mb", "memory/peak_activation_mb"):
             assert isinstance(r[key], float), (key, r)
-        assert r["memory/peak_rss_mb"] > 50 and r["diversity/pairwise_l2"] > 0
+        assert r["memory/peak_rss_mb"] > 50 and r["eval/pairwise_l2"] > 0
 
     # MLflow: a parent run, one nested run per trial with its metric curves and how it ended
     client = MlflowClient(out["tracking_uri"])
@@ -91,10 +91,10 @@ def test_asha_sweep_tracks_nested_runs_reports_and_resumes(ray_cluster, tmp_path
     for run in runs:
         trial = run.data.tags["rlr.trial_id"]
         assert run.info.status == "FINISHED" and run.data.tags["rlr.status"] == status[trial]
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "kl.sampled")]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "kl/sampled")]
         assert steps == list(range(1, len(steps) + 1)) and len(steps) == next(
             r["iterations"] for r in table if r["trial"] == trial)
-        assert client.get_metric_history(run.info.run_id, "eval.heldout")
+        assert client.get_metric_history(run.info.run_id, "eval/heldout")
         assert float(run.data.params["optim.lr"]) in lrs
     assert {a.path for a in client.list_artifacts(out["run_id"])} >= {"results.csv", "results.md", "pareto.png",
                                                                        "best.yaml"}
@@ -126,4 +126,39 @@ def test_shipped_sweep_file_validates():
 
     sweep, base = load_sweep(CONFIG, str(Path(CONFIG).parent / "sweep-digits.yaml"), [])
     assert {"estimator.h", "optim.lr", "estimator.zo", "regulariser"} <= set(sweep.space)
-    assert sweep.n_trials() == 6 and base.estimator["name"] == "rlr"
+    assert sweep.n_trials() == 6 and base.estimator.name == "rlr"
+
+
+PLUGIN = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "plugin-example.yaml")
+
+
+def test_components_from_outside_the_package_plan_train_and_sweep_unchanged(ray_cluster, tmp_path, capsys):
+    """An estimator and a reward defined in jobs/plugins/example.py (not in rlr_dist) and named by
+    module:Class: the planner, the Ray pipeline (samplers, reward actor, DeepSpeed learner) and a Tune sweep
+    take them as they take the built-in ones."""
+    from rlr_dist import planner
+    from rlr_dist.cli import main as cli
+    from rlr_dist.estimators import ESTIMATORS
+    from rlr_dist.pipeline.run import train
+    from rlr_dist.rewards import REWARDS
+    from rlr_dist.train.config import load_config
+    from rlr_dist.tune.runner import tune
+
+    assert "jobs.plugins.example:StridedLR" not in ESTIMATORS.names()  # not registered anywhere in the package
+    # the planner asks the classes; no estimator or reward name is written in it
+    source = Path(planner.__file__).read_text()
+    for name in ESTIMATORS.names() + REWARDS.names():
+        assert f'"{name}"' not in source and f"'{name}'" not in source, name
+    assert cli(["plan", PLUGIN, "--gpu", "a10g-24gb"]) == 0
+    assert "5 calls back-propagated" in capsys.readouterr().out  # StridedLR: T=10 steps / stride 2
+
+    small = ["--train.iterations=2", "--train.samples_per_prompt=4", "--model.num_inference_steps=4",
+             "--train.eval_every=2", "--train.eval_samples=4"]
+    out = train(load_config(PLUGIN, small + [f"--output_dir={tmp_path / 'run'}"]))
+    assert out["metrics"]["weights_version"] == 2 and "eval/heldout" in out["metrics"]
+
+    sweep = _sweep(tmp_path, space={"estimator.stride": {"grid": [1, 2]}}, metric="eval/heldout", mode="max",
+                   scheduler={"name": "fifo"})
+    res = tune(PLUGIN, sweep, small)
+    assert sorted(r["estimator.stride"] for r in res["table"]) == [1, 2]
+    assert all(r["status"] == "completed" and r["iterations"] == 2 for r in res["table"])

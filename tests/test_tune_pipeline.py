@@ -46,5 +46,5 @@ def test_pipeline_trials_nest_ray_train_in_tune(tmp_path):
     exp = client.get_run(parent["run_id"]).info.experiment_id
     runs = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent['run_id']}'")
     assert len(runs) == 1
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "reward.mean")] == [1, 2]
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "eval.heldout")] == [0, 2]
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "reward/mean")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "eval/heldout")] == [0, 2]

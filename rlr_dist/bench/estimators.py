@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 
 from rlr_dist.estimators import ESTIMATORS
-from rlr_dist.toy import MLPChain, batch_variance, bonferroni_threshold, bump_reward, call_means, estimate, z_scores
+from rlr_dist.chain.tiny import MLPChain, bump_reward
+from rlr_dist.estimators.montecarlo import batch_variance, bonferroni_threshold, call_means, estimate, z_scores
 
 SCHEDULES = {
     "logsnr": "log-SNR toy schedule (ᾱ = sigmoid(λ), λ linear 6 → −4)",

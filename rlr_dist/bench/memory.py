@@ -15,10 +15,9 @@ and not the activations recomputed during backward. For those rows the saved byt
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
-from torch import Tensor
 
 from rlr_dist.chain.trajectory import Trajectory, sample
 from rlr_dist.estimators import ESTIMATORS, Advantages, Batch, backward_terms

@@ -74,7 +74,7 @@ def run_ray(cfg: TrainConfig, warmup: int) -> dict:
     client = MlflowClient(out["tracking_uri"])
 
     def history(key: str) -> list:
-        return sorted(client.get_metric_history(out["run_id"], key.replace("/", ".")), key=lambda m: m.step)
+        return sorted(client.get_metric_history(out["run_id"], key), key=lambda m: m.step)
 
     it = history("time/iteration")
     rewards = [m.value for m in history("reward/mean")]

@@ -155,14 +155,15 @@ def measure_case(model_cfg: dict, batch: int = 2, h: int = 2, T: int = 6) -> dic
     del mu
 
     est = ESTIMATORS.build("rlr", h=h, zo="lr_sampled", K=2)
-    chunk = step.rollout(model, est, prompts, list(range(batch)), seed=0, version=0, with_reference=True)
+    work = step.with_plan(step.Work(prompts, list(range(batch)), seed=0), est, model.schedule())
+    chunk = step.rollout(model, work, version=0)
     reward = "temporal_consistency" if model.video else "brightness"
     chunk = step.score(build_scorer({"name": reward}, model.decoder()), chunk, need_grad=True)
     reg = REGULARISERS.build("kl_exact", beta=0.01)
     exclude = static + _tensors(chunk.traj) + [chunk.reward, chunk.reward_grad]
     t0 = time.perf_counter()
     with SavedTensorMeter(exclude) as meter:
-        step.learn(model, est, reg, Advantages("loo"), [chunk])
+        step.learn(model, est, reg, Advantages("loo"), [chunk], chunk.reward)
     step_measured, seconds = meter.peak, time.perf_counter() - t0
 
     arch = P.arch_of(cfg)

@@ -23,12 +23,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from rlr_dist.config import ConfigError, build, check, load_yaml
-from rlr_dist.train.local import evaluate as _evaluate
+
+# the study's columns <- the metrics the configured evaluation reports (rlr_dist.train.step.eval_metrics)
+EVAL_COLUMNS = {"heldout": "eval/heldout", "heldout_logp": "eval/logp_target", "class_entropy": "eval/class_entropy",
+                "pairwise_l2": "eval/pairwise_l2"}
 
 
 @dataclass
@@ -44,7 +46,6 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     eval_every: int = 5
     eval_samples: int = 64
-    eval_target: int = 3
     workers: int = 2
     gradient_draws: int = 0  # > 0: also that many gradient estimates per method at the pretrained weights
 
@@ -77,7 +78,7 @@ def load_study(path: str | Path):
                 ov = list(study.overrides) + [f"--estimator={json.dumps(est)}", f"--regulariser={json.dumps(reg)}",
                                               f"--train.seed={seed}", "--train.eval_every=0"]
                 try:
-                    cfg = load_config(base, ov)
+                    load_config(base, ov)  # every cell validates before any runs
                 except ConfigError as e:
                     raise ConfigError(f"methods.{label} with regularisers.{reg_label}: {e}") from None
                 cells.append({"method": label, "regulariser": reg_label, "seed": seed, "overrides": ov,
@@ -85,29 +86,31 @@ def load_study(path: str | Path):
     return study, cells
 
 
-def run_cell(cell: dict, eval_every: int, eval_samples: int, target: int) -> dict:
-    """One training run; returns its curve and final numbers (runs in a worker process)."""
+def _eval_row(metrics: dict) -> dict:
+    return {col: metrics[key] for col, key in EVAL_COLUMNS.items() if key in metrics}
+
+
+def run_cell(cell: dict, eval_every: int, eval_samples: int) -> dict:
+    """One training run; returns its curve and final numbers (runs in a worker process). Evaluation is the
+    config's own (its ``eval_reward``), every ``eval_every`` iterations on ``eval_samples`` samples."""
     torch.set_num_threads(1)
     from rlr_dist.memory import SavedTensorMeter
+    from rlr_dist.models import load_model
     from rlr_dist.train.config import load_config
-    from rlr_dist.train.local import train_local
+    from rlr_dist.train.local import Evaluator, train_local
 
-    cfg = load_config(cell["base"], cell["overrides"])
+    cfg = load_config(cell["base"], cell["overrides"] + [f"--train.eval_every={eval_every}",
+                                                           f"--train.eval_samples={eval_samples}"])
     per_it = cfg.train.batch_size
     curve: list[dict] = []
-    holder: dict[str, Any] = {}
 
     def on_iteration(i: int, stats: dict) -> None:
-        row = {"iteration": i, "queries": i * per_it, "reward": stats["reward/mean"], "kl": stats.get("kl/sampled")}
-        if i % eval_every == 0 or i == cfg.train.iterations:
-            row.update(_evaluate(holder["model"], eval_samples, target))
-        curve.append(row)
-
-    from rlr_dist.models import load_model
+        curve.append({"iteration": i, "queries": i * per_it, "reward": stats["reward/mean"],
+                      "kl": stats.get("kl/sampled"), **_eval_row(stats)})
 
     torch.manual_seed(cfg.train.seed)
-    model = holder["model"] = load_model(cfg.model)
-    before = _evaluate(model, eval_samples, target)
+    model = load_model(cfg.model)
+    before = _eval_row(Evaluator(cfg, model)(model))
     t0 = time.perf_counter()
     with SavedTensorMeter(exclude=model.unet.parameters()) as meter:  # weights exist anyway
         train_local(cfg, on_iteration=on_iteration, model=model)
@@ -139,7 +142,7 @@ def gradient_draws(cell: dict, draws: int) -> dict:
     t0 = time.perf_counter()
     for d in range(draws):
         works = step.iteration_work(prompts, 10_000 + d, t.seed, t.prompts_per_iteration, t.samples_per_prompt, 1)
-        chunks = [step.score(scorer, step.rollout(model, estimator, w.prompts, w.prompt_ids, w.seed, 0, True),
+        chunks = [step.score(scorer, step.rollout(model, step.with_plan(w, estimator, model.schedule()), 0),
                              estimator.needs_reward_grad) for w in works]
         for p in params:
             p.grad = None
@@ -203,7 +206,7 @@ def main(path: str | Path, out: str | Path | None = None, workers: int | None = 
     else:
         print(f"[study] {len(cells)} runs ({len(study.methods)} methods x {len(study.regularisers)} regularisers x "
               f"{len(study.seeds)} seeds) on {workers} worker process(es)", flush=True)
-        results = _pooled(run_cell, [(c, study.eval_every, study.eval_samples, study.eval_target) for c in cells],
+        results = _pooled(run_cell, [(c, study.eval_every, study.eval_samples) for c in cells],
                           workers, lambda r: f"{r['method']} / {r['regulariser']} / seed {r['seed']}: held-out "
                           f"{r['before']['heldout']:.3f} -> {r['final']['heldout']:.3f}, KL {r['final']['kl']:.2f}, "
                           f"{r['wall_s']:.0f} s")
@@ -222,7 +225,7 @@ def main(path: str | Path, out: str | Path | None = None, workers: int | None = 
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "train_wall_s": train_s, "wall_s": time.perf_counter() - t0,
             "config": {k: getattr(study, k) for k in ("base", "overrides", "methods", "regularisers", "seeds",
-                                                      "eval_samples", "eval_target", "gradient_draws")}}
+                                                      "eval_samples", "gradient_draws")}}
     text = report(results, meta, spread)
     if out:
         out = Path(out)
@@ -274,9 +277,9 @@ def report(results: list[dict], meta: dict, spread: list[str] = ()) -> str:
         f"{meta['workers']} worker processes of 1 torch thread, torch {meta['torch']}; training runs "
         f"{meta['train_wall_s'] / 60:.1f} min, whole study {meta['wall_s'] / 60:.1f} min.", "",
         f"Base config `{cfg['base']}` with `{' '.join(cfg['overrides'])}`; seeds {cfg['seeds']}. Every run: "
-        f"{results[0]['queries']} reward queries, same learning rate and optimiser. Held-out = fraction of "
-        f"{cfg['eval_samples']} fresh samples (fixed seeds) the MNIST-trained evaluator reads as digit "
-        f"{cfg['eval_target']}; KL = sampled Σ_k δ_k/2 to "
+        f"{results[0]['queries']} reward queries, same learning rate and optimiser. Held-out = the base config's `eval_reward` on "
+        f"{cfg['eval_samples']} fresh samples (fixed seeds; for the digits world the fraction the MNIST-trained "
+        "evaluator reads as the target digit); KL = sampled Σ_k δ_k/2 to "
         "the pretrained model; diversity = mean pairwise L2 of those samples and the entropy (bits) of the "
         "evaluator's predicted classes; memory = peak bytes autograd held for backward in a learner step.", "",
         "Methods: " + "; ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in cfg["methods"].items()) + ".", "",

@@ -127,8 +127,24 @@ class Estimator(ABC):
     @abstractmethod
     def terms(self, batch: Batch) -> Iterator[tuple[str, Tensor]]: ...
 
+    #: the estimator reads per-term gradient norms (``gnorm/<term>``) in :meth:`observe`; the learner then
+    #: measures them (one extra ``autograd.grad`` per term, no extra backward through the model)
+    reads_term_norms: bool = False
+
     def observe(self, stats: dict[str, float]) -> None:
-        """Per-term statistics of the last step (e.g. gradient norms ``gnorm/zo:k``)."""
+        """Per-term statistics of the last step, summed over every learner (``loss/<term>`` and, when
+        :attr:`reads_term_norms`, ``gnorm/<term>``)."""
+
+    def plan_metrics(self, plans: list[Plan], T: int) -> dict[str, float]:
+        """Numbers about the plans just drawn for an iteration (e.g. the RLR block start and its law)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """What the estimator learned across iterations (saved in checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     @abstractmethod
     def backprop(self, T: int, regulariser: Regulariser) -> Backprop:
@@ -226,22 +242,21 @@ def backward_terms(terms: Iterator[tuple[str, Tensor]], params: list[Tensor] | N
     """Back-propagate each term as it is produced (freeing its graph), accumulating into ``.grad``.
 
     ``backward`` replaces ``loss.backward()`` (e.g. a DeepSpeed engine's). With ``track_norms`` the
-    gradient norm of every term is measured (``gnorm/<term>``), which the softmax j-law uses.
+    gradient ``g`` of every term with respect to ``params`` is taken first (``gnorm/<term>`` = ‖g‖, which
+    the softmax j-law reads) and then handed to ``backward`` as the linear surrogate ``Σ ⟨sg g, θ⟩``,
+    whose gradient is exactly ``g``: the model is back-propagated once per term either way, and an
+    engine that reduces gradients in its own hooks (ZeRO-1/2) sees them arrive as usual.
     """
+    backward = backward or Tensor.backward
     stats: dict[str, float] = {}
     for name, loss in terms:
         stats[f"loss/{name}"] = float(loss.detach())
         if track_norms and params:
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            sq = 0.0
-            for p, g in zip(params, grads):
-                if g is None:
-                    continue
-                sq += float(g.double().pow(2).sum())
-                p.grad = g.clone() if p.grad is None else p.grad + g
-            stats[f"gnorm/{name}"] = sq**0.5
-        elif backward is not None:
-            backward(loss)
+            pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+            stats[f"gnorm/{name}"] = sum(float(g.double().pow(2).sum()) for _, g in pairs) ** 0.5
+            if pairs:
+                backward(sum((g.detach() * p).sum() for p, g in pairs))
         else:
-            loss.backward()
+            backward(loss)
     return stats

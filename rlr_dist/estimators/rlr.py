@@ -46,6 +46,7 @@ class RLR(Estimator):
         self.h, self.zo, self.K, self.j_law, self.j_range = h, zo, K, j_law, j_range
         self.temperature, self.ema, self.spsa_scale, self.fo = temperature, ema, spsa_scale, fo
         self.needs_reward_grad = fo
+        self.reads_term_norms = j_law == "softmax"
         self.step_norm: dict[int, float] = {}  # EMA of per-step gradient norms (softmax j-law)
 
     # ------------------------------------------------------------------ which steps go where
@@ -75,13 +76,7 @@ class RLR(Estimator):
     def plan(self, schedule: GaussianSchedule, generator: torch.Generator | None = None) -> Plan:
         T = schedule.T
         cands = self.j_candidates(T)
-        if self.j_law == "softmax" and self.step_norm:
-            n = torch.tensor([self.step_norm.get(j, float("nan")) for j in cands], dtype=torch.float64)
-            n = torch.where(torch.isnan(n), n[~torch.isnan(n)].mean() if (~torch.isnan(n)).any() else 1.0, n)
-            probs = torch.softmax(n / n.mean().clamp_min(1e-12) / self.temperature, 0)
-        else:
-            probs = torch.full((len(cands),), 1.0 / len(cands), dtype=torch.float64)
-        j = cands[int(torch.multinomial(probs, 1, generator=generator))]
+        j = cands[int(torch.multinomial(self._j_probs(cands), 1, generator=generator))]
         C = self.zo_set(T, j)
         steps, weight, seed = (), 1.0, None
         if self.zo == "lr":
@@ -97,6 +92,15 @@ class RLR(Estimator):
         noises = block | set(steps) | ({1} if self.fo and schedule.stochastic(1) else set())
         return Plan(states=frozenset(states), noises=frozenset(noises), record_all=self.zo == "spsa",
                     j=j, h=self.h, steps=steps, step_weight=weight, seed=seed)
+
+    def _j_probs(self, cands: list[int]) -> torch.Tensor:
+        """Uniform, or the softmax of the running per-step gradient norms (normalised by their mean, over
+        ``temperature``); a candidate without a measured norm gets the mean of the measured ones."""
+        if self.j_law == "softmax" and self.step_norm:
+            n = torch.tensor([self.step_norm.get(j, float("nan")) for j in cands], dtype=torch.float64)
+            n = torch.where(torch.isnan(n), n[~torch.isnan(n)].mean() if (~torch.isnan(n)).any() else 1.0, n)
+            return torch.softmax(n / n.mean().clamp_min(1e-12) / self.temperature, 0)
+        return torch.full((len(cands),), 1.0 / len(cands), dtype=torch.float64)
 
     # ------------------------------------------------------------------ the surrogate loss
     def terms(self, b: Batch) -> Iterator[tuple[str, Tensor]]:
@@ -123,6 +127,30 @@ class RLR(Estimator):
                 k = int(key[9:])
                 old = self.step_norm.get(k)
                 self.step_norm[k] = v if old is None else self.ema * old + (1 - self.ema) * v
+
+    def state_dict(self) -> dict:
+        return {"step_norm": {str(k): v for k, v in self.step_norm.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_norm = {int(k): float(v) for k, v in state.get("step_norm", {}).items()}
+
+    def j_probabilities(self, T: int) -> dict[int, float]:
+        """The law of the block start j this estimator draws from now (uniform until norms are measured)."""
+        cands = self.j_candidates(T)
+        return dict(zip(cands, self._j_probs(cands).tolist()))
+
+    def plan_metrics(self, plans: list[Plan], T: int) -> dict[str, float]:
+        """``plan/j``: the block starts drawn (mean over the iteration's plans); ``plan/p_j``: their mean
+        probability under the law they were drawn from; ``plan/j_tv``: that law's total-variation distance
+        from uniform (0 for the uniform law); ``step_law/j_NN``: the law itself (softmax law only)."""
+        law = self.j_probabilities(T)
+        n = len(law)
+        out = {"plan/j": sum(p.j for p in plans) / len(plans), "plan/p_j": sum(law[p.j] for p in plans) / len(plans),
+               "plan/j_tv": 0.5 * sum(abs(q - 1 / n) for q in law.values())}
+        if self.j_law == "softmax":
+            width = max(2, len(str(T)))
+            out.update({f"step_law/j_{j:0{width}d}": q for j, q in law.items()})
+        return out
 
     def backprop(self, T: int, regulariser) -> Backprop:
         seg = segment_calls(self.h, regulariser)

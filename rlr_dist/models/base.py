@@ -252,8 +252,6 @@ MODELS.base = DiffusionModel
 
 def layout_of_unet_class(cls_name: str | None) -> str | None:
     """The registered layout that detects folders whose denoiser is ``cls_name``."""
-    import rlr_dist.models.layouts  # noqa: F401  (registers the built-in layouts)
-
     hits = [name for name, c in MODELS.items() if c.detects_unet_class and c.unet_class == cls_name]
     return hits[0] if hits else None
 
@@ -355,8 +353,6 @@ def _locate(cfg: ModelConfig | dict | str) -> tuple[ModelConfig, Path, type[Diff
         cfg = ModelConfig(path=cfg)
     elif isinstance(cfg, dict):
         cfg = build(ModelConfig, cfg, "model")
-    import rlr_dist.models.layouts  # noqa: F401  (registers the layouts)
-
     folder = resolve_model_folder(cfg.path)
     if cfg.layout is not None and ":" in cfg.layout:  # a layout of the user's own, module:Class
         meta_file = folder / RLR_META

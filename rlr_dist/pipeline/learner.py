@@ -1,126 +1,165 @@
-"""DeepSpeed on a learner worker: the engine around the trained UNet, its checkpoints, and gathered weights.
+"""The Ray learner: a Ray Train worker running :func:`learner_loop` with a DeepSpeed engine (``engine.py``).
 
-The estimators back-propagate several loss terms per optimiser step (one graph at a time, so memory is
-one segment's, not the chain's). DeepSpeed's default gradient-accumulation bookkeeping reduces on every
-``backward``; with ``managed_gradient_accumulation: false`` backward only accumulates and the reduction
-happens in ``step()``, which is exact for ZeRO 0–3. The UNet is called *through the engine* so that
-ZeRO-3 gathers its partitioned parameters on every forward.
+Each learner drives its own share of every iteration with a :class:`rlr_dist.train.learner.Learner` — the
+same iteration skeleton the single-process loop runs. The work (plans included) is a deterministic function
+of ``(seed, iteration)`` and of state every learner holds identically, so learner r sends chunks r, r+L, ...
+to the sampler actors (:class:`~rlr_dist.pipeline.pools.ActorPools`), has the reward actors score them
+(object refs passed actor to actor) and fetches only those chunks. No tensor goes through the driver or
+another learner; only the small per-chunk summaries and the per-term loss / gradient-norm numbers are
+all-gathered. Rank 0 also pushes weights to the samplers, evaluates, logs and writes pictures. One iteration:
+
+    sync weights (version-stamped, verified) -> sample -> score -> learn (DeepSpeed, all ranks) -> log -> checkpoint
+
+With ``train.overlap`` the samples of iteration i+1 are drawn while the learners step on i, from the
+weights before that step (one step stale; the likelihood-ratio terms are then evaluated at θ_{i+1} on
+samples of θ_i, a bias of order lr, not corrected — see docs/pipeline.md).
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import importlib
-import json
+import logging
+import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
 
 import torch
 
-from rlr_dist import storage
-from rlr_dist.models.base import DiffusionModel
+from rlr_dist.config import build
 from rlr_dist.train.config import TrainConfig
-from rlr_dist.train.local import make_optimizer
-
-DS_TAG = "ds"
-STATE_FILE = "state.json"
 
 
-def ds_config(cfg: TrainConfig) -> dict:
-    ds = cfg.deepspeed
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    out: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "managed_gradient_accumulation": False,
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "gradient_clipping": cfg.optim.grad_clip or 0.0,
-        "bf16": {"enabled": ds.bf16},
-        "steps_per_print": 1 << 30,
-    }
-    if ds.offload_optimizer:  # DeepSpeed's CPU Adam (JIT-compiled once)
-        out["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": cfg.optim.betas,
-                                                        "weight_decay": cfg.optim.weight_decay}}
-    return _merge(out, copy.deepcopy(ds.extra))
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    for k, v in extra.items():
-        base[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return base
-
-
-def make_engine(cfg: TrainConfig, model: DiffusionModel):
-    """A DeepSpeed engine over ``model.unet`` training ``model.trainable_parameters()``; the model's
-    denoiser is rerouted through the engine."""
-    if model.device.type == "cpu":  # the shared-memory allreduce op would JIT-compile for ~70 s; gloo is exact
-        importlib.import_module("deepspeed.ops").__compatible_ops__["deepspeed_shm_comm"] = False
-    import deepspeed
-
-    conf = ds_config(cfg)
-    params = model.trainable_parameters()
-    # the single-process loop's optimizer, unless DeepSpeed brings its own (CPU offload)
-    optimizer = None if "optimizer" in conf else make_optimizer(cfg, params)
-    engine, _, _, _ = deepspeed.initialize(model=model.unet, model_parameters=params, optimizer=optimizer,
-                                           config=conf)
-    model.denoiser.unet = engine
-    return engine
-
-
-@contextlib.contextmanager
-def gathered(engine, model: DiffusionModel) -> Iterator[None]:
-    """Full trained parameters visible on every rank (a collective under ZeRO-3; no-op otherwise)."""
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(model.trainable_parameters()):
-            yield
-    else:
-        yield
-
-
-def state_hash(state: dict[str, torch.Tensor]) -> str:
-    """Hash of a trained state (names and float32 values), for weight-sync checks."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def save(engine, folder: Path, state: dict, rank: int) -> None:
-    """Every rank writes its DeepSpeed shards; rank 0 adds the loop state and, last, the manifest, which
-    lists every rank's files (Ray Train merges the ranks' folders into one checkpoint), so a checkpoint
-    missing any rank's shard is refused at load."""
+def learner_loop(config: dict) -> None:
+    """Ray Train worker function: a DeepSpeed learner driving its share of every iteration."""
+    import ray.train
     import torch.distributed as dist
 
-    engine.save_checkpoint(str(folder), tag=DS_TAG)
-    digests = [storage.file_digests(folder)]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        digests = [None] * dist.get_world_size()
-        dist.all_gather_object(digests, storage.file_digests(folder))
-    if rank == 0:
-        others: dict[str, dict] = {}
-        for r, files in enumerate(digests[1:], start=1):
-            for rel, info in files.items():
-                if rel in digests[0] and digests[0][rel] != info or others.get(rel, info) != info:
-                    raise storage.StorageError(f"checkpoint: rank {r}'s {rel} differs from another rank's file "
-                                               "of the same name")
-                others[rel] = info
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
-        storage.write_manifest(folder, {"iteration": state["iteration"]}, elsewhere=others)
+    from rlr_dist.models import load_model
+    from rlr_dist.pipeline import engine as ds
+    from rlr_dist.pipeline.pools import ActorPools
+    from rlr_dist.pipeline.tracking import Tracker
+    from rlr_dist.pipeline.workers import _device, _threads, probe_output
+    from rlr_dist.train import step
+    from rlr_dist.train.learner import Learner
+
+    _threads()
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report otherwise
+    try:  # Train V2 logs every report (all metrics) under a logger named by its file path
+        from ray.train.v2._internal.execution import context as _train_ctx
+
+        logging.getLogger(_train_ctx.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+    cfg = build(TrainConfig, config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    out_dir = Path(config["output_dir"])
+    torch.manual_seed(cfg.train.seed)
+    model = load_model(cfg.model, _device(cfg.cluster.learners.num_gpus))
+    engine = ds.make_engine(cfg, model)
+    core = Learner(cfg, model.schedule())
+    start, elapsed_before = 0, 0.0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = ds.load(engine, Path(d))
+        start, elapsed_before = state["iteration"], state.get("elapsed", 0.0)
+        core.load_state_dict(state["learner"] if "learner" in state else  # a checkpoint of rlr-dist <= 0.1
+                             {"advantages": state["advantages"], "estimator": {"step_norm": state.get("step_norm", {})}})
+        if rank == 0:
+            print(f"[learner] resumed from the checkpoint of iteration {start}", flush=True)
+    T = cfg.train.iterations
+    pools = ActorPools(cfg, config["samplers"], config["rewards"], core.need_grad, rank, world, config.get("store"))
+    tracker = Tracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    probe_prompt = core.prompts[0]
+
+    def push_weights(version: int) -> float:
+        """Rank 0 syncs the samplers to ``version``; every rank waits for it (barrier)."""
+        with ds.gathered(engine, model):
+            st = model.trained_state() if rank == 0 else None
+        seconds = 0.0
+        if rank == 0:
+            probe = probe_output(model, probe_prompt) if engine.zero_optimization_stage() < 3 else None
+            seconds = pools.sync(st, version, probe, ds.state_hash(st))
+        pools.version = version
+        if world > 1:
+            dist.barrier()
+        return seconds
+
+    def gather(obj) -> list:
+        if world == 1:
+            return [obj]
+        parts = [None] * world
+        dist.all_gather_object(parts, obj)
+        return parts
+
+    sync_s = push_weights(start)
+    if rank == 0 and start == 0 and cfg.train.eval_every:  # the baseline every later number is compared with
+        ev, grid = pools.evaluate(0, out_dir)
+        tracker.metrics(ev, 0)
+        tracker.artifact(grid, "samples")
+        print("[before training] " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items()), flush=True)
+    pending = pools.submit(core.works(start, pools.chunks), start) if start < T else None
+    t_loop = time.perf_counter()
+    for it in range(start, T):
+        t_it = time.perf_counter()
+        mine, summaries = pools.collect(pending)
+        if cfg.train.overlap and it + 1 < T:
+            pending = pools.submit(core.works(it + 1, pools.chunks), it)  # drawn with the weights before this step
+        t_wait = time.perf_counter() - t_it
+        every = [s for part in gather(summaries) for s in part]
+        terms = core.learn(model, mine, every, backward=engine.backward)
+        summed: dict[str, float] = {}
+        for part in gather(terms):
+            for k, v in part.items():
+                summed[k] = summed.get(k, 0.0) + v
+        gnorm = step.grad_norm(model.trainable_parameters()) if engine.zero_optimization_stage() == 0 else None
+        engine.step()
+        gnorm = engine.get_global_grad_norm() if gnorm is None else gnorm  # ZeRO: DeepSpeed's (pre-clip) norm
+        metrics = core.finish(it, every, summed, gnorm)
+        restarts = sum(gather(pools.restarts))
+        sync_s = push_weights(it + 1)
+        if not cfg.train.overlap and it + 1 < T:
+            pending = pools.submit(core.works(it + 1, pools.chunks), it + 1)
+        if rank == 0:
+            metrics.update({"time/wait_samples": t_wait, "time/sync": sync_s,
+                            "time/iteration": time.perf_counter() - t_it,
+                            "samples_per_s": metrics["samples"] / (time.perf_counter() - t_it),
+                            "weights_version": it + 1, "actor_restarts": restarts})
+            for phase, n in (("sample", len(pools.samplers)), ("score", len(pools.rewards))):  # busy s per actor
+                metrics[f"time/{phase}"] = sum(s["stats"].get(f"time/{phase}", 0.0) for s in every) / n
+            if cfg.train.eval_every and ((it + 1) % cfg.train.eval_every == 0 or it + 1 == T):
+                ev, grid = pools.evaluate(it + 1, out_dir)
+                metrics.update(ev)
+                tracker.artifact(grid, "samples")
+            tracker.metrics(metrics, it + 1)
+            _progress(it + 1, start, T, metrics, time.perf_counter() - t_loop)
+        _checkpoint(cfg, engine, it, T, rank, core, elapsed_before + time.perf_counter() - t_loop, metrics)
+
+    if cfg.export and start < T:
+        with ds.gathered(engine, model):
+            if rank == 0:
+                model.export(cfg.export)
+                print(f"[learner] exported the fine-tuned model to {cfg.export}", flush=True)
 
 
-def load(engine, folder: Path) -> dict:
-    """Restore the engine (model + optimizer) and return the loop state; refuses an incomplete checkpoint."""
-    if (folder / storage.MANIFEST).is_file():
-        storage.verify_manifest(folder, "checkpoint")
-    elif not (folder / STATE_FILE).is_file():
-        raise storage.StorageError(f"checkpoint {folder} is incomplete (no {storage.MANIFEST} or {STATE_FILE})")
-    engine.load_checkpoint(str(folder), tag=DS_TAG)
-    return json.loads((folder / STATE_FILE).read_text())
+def _checkpoint(cfg, engine, it, T, rank, core, elapsed, metrics) -> None:
+    import ray.train
+
+    from rlr_dist.pipeline import engine as ds
+
+    every = cfg.checkpoint.every
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    if not (it + 1 == T or (every and (it + 1) % every == 0)):
+        ray.train.report(clean)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        state = {"iteration": it + 1, "elapsed": elapsed, "learner": core.state_dict(), "seed": cfg.train.seed}
+        ds.save(engine, Path(d), state, rank)
+        ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _progress(done: int, start: int, total: int, m: dict, elapsed: float) -> None:
+    rate = (done - start) / max(elapsed, 1e-9)
+    eta = (total - done) / max(rate, 1e-9)
+    extra = "".join(f" | {k} {m[k]:.3f}" for k in ("kl/sampled", "eval/heldout") if k in m)
+    print(f"[iter {done}/{total}] reward {m['reward/mean']:.3f} ± {m['reward/std']:.3f}{extra} "
+          f"| {m['time/iteration']:.2f} s/it, ETA {eta:.0f} s", flush=True)

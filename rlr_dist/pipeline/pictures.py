@@ -29,12 +29,17 @@ def _pil(img: Tensor, scale: int):
     return im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale > 1 else im
 
 
+READABLE_PX = 640  # small samples are enlarged (nearest neighbour) until the grid is about this wide
+
+
 def save_samples(images: Tensor, stem: str | Path, cols: int | None = None) -> Path:
-    """Images ``(N, C, H, W)`` -> ``stem.png``; videos ``(N, C, F, H, W)`` -> ``stem.gif`` (a grid per frame)."""
+    """Images ``(N, C, H, W)`` -> ``stem.png``; videos ``(N, C, F, H, W)`` -> ``stem.gif`` (a grid per frame).
+    Tiny samples (the toy world's 16 px) are enlarged so the grid is about ``READABLE_PX`` wide."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     images = images.float().cpu()
-    scale = max(1, 256 // max(images.shape[-1], images.shape[-2]) // max(1, math.ceil(math.sqrt(len(images)))))
+    width = (cols or math.ceil(math.sqrt(len(images)))) * (images.shape[-1] + 1) + 1
+    scale = min(16, max(1, math.ceil(READABLE_PX / width)))
     if images.dim() == 5:
         frames = [_pil(grid(images[:, :, f], cols), scale) for f in range(images.shape[2])]
         path = stem.with_suffix(".gif")

@@ -79,8 +79,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     from ray.train.torch import TorchTrainer
 
     from rlr_dist import storage
-    from rlr_dist.pipeline.controller import learner_loop
-    from rlr_dist.pipeline.tracking import Tracker, flatten, start_run, tracking_uri
+    from rlr_dist.pipeline.learner import learner_loop
+    from rlr_dist.pipeline.tracking import Tracker, flatten, headline, start_run, tracking_uri
     from rlr_dist.pipeline.workers import RewardWorker, SamplerWorker, WeightStore
 
     preflight(cfg)
@@ -94,7 +94,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     else:
         out.mkdir(parents=True, exist_ok=True)
         name = cfg.tracking.run_name or f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_id = start_run(uri, cfg.tracking.experiment, name, out / "mlartifacts", flatten(to_dict(cfg)))
+        tags, description = headline(cfg)
+        run_id = start_run(uri, cfg.tracking.experiment, name, out / "mlartifacts", flatten(to_dict(cfg)), tags,
+                           description)
         run = {"name": name, "run_id": run_id, "tracking_uri": uri}
         run_file.write_text(json.dumps(run, indent=1))
     (out / "config.yaml").write_text(dump(cfg))
@@ -137,7 +139,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     metrics = dict(result.metrics or {})
     before = {}
     for key in ("eval/reward", "eval/heldout"):
-        pts = [m for m in tracker.client.get_metric_history(run["run_id"], key.replace("/", ".")) if m.step == 0]
+        pts = [m for m in tracker.client.get_metric_history(run["run_id"], key) if m.step == 0]
         if pts:
             before[key] = pts[0].value
     return {"metrics": metrics, "before": before, "checkpoint": result.checkpoint.path if result.checkpoint else None,
@@ -149,7 +151,7 @@ def _reward_curve(tracker, out: Path) -> Path | None:
     from rlr_dist.pipeline.pictures import reward_curve
 
     hist = {}
-    for key in ("reward.mean", "eval.reward", "eval.heldout"):
+    for key in ("reward/mean", "eval/reward", "eval/heldout"):
         pts = tracker.client.get_metric_history(tracker.run_id, key)
         if pts:
             hist[key] = sorted((m.step, m.value) for m in pts)

@@ -1,7 +1,8 @@
-"""Sampler and reward-model workers: plain classes that become Ray actors in the controller.
+"""Sampler and reward-model workers: plain classes that become Ray actors (created by the driver, ``run.py``).
 
-A sampler holds a model replica and produces trajectories for the estimator; a reward worker holds the
-reward model (and the decoder) and scores them. Both only wrap :mod:`rlr_dist.train.step`.
+A sampler holds a model replica and produces the trajectories the learner's work asks for (the plan comes
+with the work: samplers hold no estimator state); a reward worker holds the reward model (and the decoder)
+and scores them. Both only wrap :mod:`rlr_dist.train.step`.
 """
 from __future__ import annotations
 
@@ -75,15 +76,13 @@ class SamplerWorker:
         self.cfg = build(TrainConfig, cfg)
         self.index = index
         self.model = load_model(self.cfg.model, _device(self.cfg.cluster.samplers.num_gpus))
-        self.estimator = self.cfg.make_estimator()
-        self.with_reference = True  # KL to the reference is logged every iteration
         self.version = 0
         self.probe_prompt = self.cfg.data.load_prompts()[0]
 
     def set_weights(self, state: dict, version: int) -> tuple[str, Tensor]:
         """Load the learner's trained state; returns the hash of what is now loaded (read back from the
         model) and the probe prediction, for the learner to verify."""
-        from rlr_dist.pipeline.learner import state_hash
+        from rlr_dist.pipeline.engine import state_hash
 
         self.model.load_trained_state(state)
         self.version = version
@@ -96,8 +95,7 @@ class SamplerWorker:
         _maybe_crash(self.index, work.iteration)
         if version != self.version:
             self._pull(version)
-        return step.rollout(self.model, self.estimator, work.prompts, work.prompt_ids, work.seed, self.version,
-                            self.with_reference)
+        return step.rollout(self.model, work, self.version)  # with the reference: the KL is logged every iteration
 
     def _pull(self, version: int) -> None:
         """Load the latest weights from the store (after a restart). If the store has moved past ``version``
@@ -111,15 +109,9 @@ class SamplerWorker:
             raise StaleWeights(f"sampler {self.index}: v{version} asked for, the weight store holds v{have}")
         self.set_weights(ray.get(boxed[0]), have)
 
-    def sample_final(self, prompts: Sequence[str], seed: int) -> Tensor:
+    def draw(self, prompts: Sequence[str], seed: int) -> Tensor:
         """Only ``x_0`` of fresh samples (for evaluation and pictures)."""
-        from rlr_dist.chain.trajectory import Plan, sample
-
-        g = torch.Generator(device=self.model.device).manual_seed(seed)
-        x_T = self.model.initial_noise(len(prompts), g)
-        with torch.no_grad():
-            cond = self.model.encode_prompts(list(prompts))
-        return sample(self.model.chain(), x_T, Plan(), cond, g).x0.cpu()
+        return step.draw(self.model, prompts, seed)
 
 
 class RewardWorker:
@@ -132,39 +124,21 @@ class RewardWorker:
         self.scorer.reward.to(self.device)
         self.eval_scorer = None
         if self.cfg.eval_reward is not None:
-            self.eval_scorer = build_scorer(self.cfg.eval_reward, decoder)
+            self.eval_scorer = build_scorer(self.cfg.eval_reward, decoder, "eval_reward")
             self.eval_scorer.reward.to(self.device)
         self.decoder = decoder
 
     def score(self, chunk: step.Chunk, need_grad: bool) -> step.Chunk:
-        import time
-
-        t0 = time.perf_counter()
-        R, dR, keep = self.scorer.score_keep(chunk.traj.x0.to(self.device), chunk.prompts, need_grad=need_grad)
-        dropped = int((~keep).sum())
-        if dropped:
-            keep = keep.cpu()
-            chunk.traj = chunk.traj.select(keep)
-            chunk.prompts = [p for p, k in zip(chunk.prompts, keep.tolist()) if k]
-            R, dR = R[keep.to(R.device)], None if dR is None else dR[keep.to(dR.device)]
-        chunk.reward, chunk.reward_grad = R.cpu(), None if dR is None else dR.cpu()
-        chunk.stats["reward/dropped"] = float(dropped)
-        chunk.stats["time/score"] = time.perf_counter() - t0
-        return chunk
+        return step.score(self.scorer, chunk, need_grad, self.device)
 
     def score_and_summarise(self, chunk: step.Chunk, need_grad: bool) -> tuple[step.Chunk, dict]:
         """The scored chunk and a small summary of it (rewards, prompt ids, per-sample KL)."""
         c = self.score(chunk, need_grad)
-        kl = None if c.traj.delta is None else c.traj.delta.double().sum(1) / 2
-        return c, {"reward": c.reward, "prompt_ids": c.traj.prompt_ids, "kl": kl, "stats": dict(c.stats)}
+        return c, step.summarise(c)
 
     def evaluate(self, x0: Tensor, prompts: Sequence[str]) -> dict[str, float]:
-        """Training reward and held-out evaluator on fresh samples."""
-        x0 = x0.to(self.device)
-        out = {"eval/reward": float(self.scorer.score(x0, prompts)[0].mean())}
-        if self.eval_scorer is not None:
-            out["eval/heldout"] = float(self.eval_scorer.score(x0, prompts)[0].mean())
-        return out
+        """Training and evaluation reward on fresh samples (:func:`rlr_dist.train.step.eval_metrics`)."""
+        return step.eval_metrics(self.scorer, self.eval_scorer, x0, prompts, self.device)
 
     def images(self, x0: Tensor) -> Tensor:
         """Decoded images in [0, 1] (for grids and GIFs), on the CPU."""

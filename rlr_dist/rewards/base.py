@@ -62,8 +62,13 @@ class Reward(nn.Module, ABC):
 
     def eval_metrics(self, images: Tensor, prompts: Sequence[str] | None = None) -> dict[str, float]:
         """Extra report numbers of an *evaluation* reward on a batch (e.g. diversity of predicted classes);
-        logged under ``eval/``. None by default."""
+        logged under ``eval/<name>``, named by :meth:`eval_metric_names`. None by default."""
         return {}
+
+    @classmethod
+    def eval_metric_names(cls) -> list[str]:
+        """The names :meth:`eval_metrics` reports (so a sweep can be told to optimise one of them)."""
+        return []
 
     # ------------------------------------------------------------------ answers from parameters
     @classmethod

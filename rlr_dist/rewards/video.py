@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Literal, Sequence
 
-import torch
 from torch import Tensor
 
 from rlr_dist.registry import check_param

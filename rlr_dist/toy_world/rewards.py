@@ -83,6 +83,10 @@ class DigitLogProb(Reward):
     def check_params(cls, target: int = 3, path: str | None = None) -> None:
         _check_target(target)
 
+    @classmethod
+    def eval_metric_names(cls) -> list[str]:
+        return ["class_entropy", "logp_target"]
+
     def eval_metrics(self, images: Tensor, prompts: Sequence[str] | None = None) -> dict[str, float]:
         """Diversity of the predicted classes (entropy in bits; log2 10 = 3.32 is uniform) and the mean
         log p(target), under this reward's network."""

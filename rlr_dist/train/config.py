@@ -85,7 +85,6 @@ class LoopConfig:
     overlap: bool = False
     advantage_baseline: Literal["loo", "running", "none"] = "loo"
     advantage_scale: Literal["none", "running_std", "batch_std"] = "batch_std"
-    on_nonfinite_retries: int = 1
 
     def __post_init__(self) -> None:
         for name in ("iterations", "prompts_per_iteration", "samples_per_prompt", "eval_samples"):

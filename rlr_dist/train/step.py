@@ -1,7 +1,9 @@
-"""The three pieces of one iteration, as plain functions: sample, score, learn.
+"""The pieces of one iteration as plain functions: draw the work, sample, score, summarise, learn, evaluate.
 
-Ray actors (samplers, reward models, learners) and the single-process loop call exactly these, so the
-distributed pipeline and the reference loop do identical work. No Ray import here.
+The single-process loop (:mod:`rlr_dist.train.local`) and the Ray roles (sampler and reward actors, the
+learners of :mod:`rlr_dist.pipeline.learner`) call exactly these, so the distributed pipeline and the
+reference loop do identical work; the learner's state between iterations lives in
+:class:`rlr_dist.train.learner.Learner`. No Ray import here.
 """
 from __future__ import annotations
 
@@ -12,11 +14,25 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from rlr_dist.chain.trajectory import Trajectory, sample
+from rlr_dist.chain.trajectory import Plan, Trajectory, sample
 from rlr_dist.estimators import Advantages, Batch, Estimator, backward_terms
 from rlr_dist.models.base import DiffusionModel
 from rlr_dist.regularisers import Regulariser
 from rlr_dist.rewards.base import RewardScorer
+
+EVAL_SEED = 10_000  # fresh evaluation samples: part i of the evaluation batch is drawn from seed EVAL_SEED + i
+
+
+@dataclass
+class Work:
+    """What one sampler call produces: these prompts (with dataset ids), from this seed, recording what the
+    learner's ``plan`` asks for (the learner draws it; samplers hold no estimator state)."""
+
+    prompts: list[str]
+    prompt_ids: list[int]
+    seed: int
+    iteration: int = 0
+    plan: Plan | None = None
 
 
 @dataclass
@@ -30,81 +46,6 @@ class Chunk:
     reward: Tensor | None = None
     reward_grad: Tensor | None = None
     stats: dict = field(default_factory=dict)
-
-
-def rollout(model: DiffusionModel, estimator: Estimator, prompts: Sequence[str], prompt_ids: Sequence[int],
-            seed: int, version: int, with_reference: bool) -> Chunk:
-    """Sample one trajectory per prompt (noise and plan from ``seed``), recording what the plan needs."""
-    t0 = time.perf_counter()
-    chain = model.chain()
-    plan = estimator.plan(chain.schedule, torch.Generator().manual_seed(seed))
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    with torch.no_grad():
-        cond = model.encode_prompts(list(prompts))
-    x_T = model.initial_noise(len(prompts), gen)
-    ids = torch.tensor(list(prompt_ids), dtype=torch.long)
-    traj = sample(chain, x_T, plan, cond, gen, with_reference=with_reference, prompt_ids=ids, seed=seed)
-    return Chunk(traj=traj.to("cpu"), prompts=list(prompts), version=version,
-                 stats={"time/sample": time.perf_counter() - t0})
-
-
-def score(scorer: RewardScorer, chunk: Chunk, need_grad: bool, device: str | torch.device = "cpu") -> Chunk:
-    """Fill ``chunk.reward`` (and ``∂R/∂x_0`` when ``need_grad``)."""
-    t0 = time.perf_counter()
-    R, dR = scorer.score(chunk.traj.x0.to(device), chunk.prompts, need_grad=need_grad)
-    chunk.reward, chunk.reward_grad = R.cpu(), None if dR is None else dR.cpu()
-    chunk.stats["time/score"] = time.perf_counter() - t0
-    return chunk
-
-
-def learn(model: DiffusionModel, estimator: Estimator, regulariser: Regulariser, advantages: Advantages,
-          chunks: Sequence[Chunk], backward: Callable[[Tensor], None] | None = None,
-          all_rewards: Tensor | None = None) -> dict[str, float]:
-    """Back-propagate the estimator's surrogate loss over ``chunks`` (gradients accumulate in ``.grad``;
-    the caller steps the optimiser). Each chunk is one :class:`Batch`, weighted by its share of samples.
-    ``all_rewards``: the whole iteration's rewards (all learners), for a batch-wide reward scale."""
-    t0 = time.perf_counter()
-    chain = model.chain()
-    total = sum(c.traj.batch_size for c in chunks)
-    out: dict[str, float] = {}
-    for c in chunks:
-        w = c.traj.batch_size / total
-        b = Batch(traj=c.traj.to(model.device), chain=chain, reward=c.reward.to(model.device),
-                  reward_grad=None if c.reward_grad is None else c.reward_grad.to(model.device),
-                  regulariser=regulariser, advantages=advantages)
-        if all_rewards is not None:
-            b.scale = advantages.scale_factor(all_rewards)
-        terms = ((name, w * loss) for name, loss in estimator.terms(b))
-        for key, v in backward_terms(terms, backward=backward).items():
-            out[key] = out.get(key, 0.0) + v
-    out["time/learn"] = time.perf_counter() - t0
-    return out
-
-
-def batch_stats(chunks: Sequence[Chunk]) -> dict[str, float]:
-    """Reward mean/std and the sampled KL to the reference (Σ_k δ_k / 2, mean over samples)."""
-    R = torch.cat([c.reward for c in chunks]).double()
-    out = {"reward/mean": float(R.mean()), "reward/std": float(R.std()) if R.numel() > 1 else 0.0,
-           "samples": float(R.numel())}
-    deltas = [c.traj.delta for c in chunks if c.traj.delta is not None]
-    if deltas:
-        out["kl/sampled"] = float(torch.cat(deltas).double().sum(1).mean() / 2)
-    return out
-
-
-def grad_norm(params: Sequence[Tensor]) -> float:
-    sq = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
-    return sq**0.5
-
-
-@dataclass
-class Work:
-    """What one sampler call produces: these prompts (with dataset ids), from this seed."""
-
-    prompts: list[str]
-    prompt_ids: list[int]
-    seed: int
-    iteration: int = 0
 
 
 def iteration_work(prompts: Sequence[str], iteration: int, seed: int, prompts_per_iteration: int,
@@ -125,4 +66,145 @@ def iteration_work(prompts: Sequence[str], iteration: int, seed: int, prompts_pe
         part = flat[bounds[j]:bounds[j + 1]]
         out.append(Work([prompts[i] for i in part], part, seed=(seed * 7919 + iteration) * 1009 + j,
                         iteration=iteration))
+    return out
+
+
+def with_plan(work: Work, estimator: Estimator, schedule) -> Work:
+    """``work`` with the plan ``estimator`` draws for it from the work's own seed (the same on every learner)."""
+    work.plan = estimator.plan(schedule, torch.Generator().manual_seed(work.seed))
+    return work
+
+
+def rollout(model: DiffusionModel, work: Work, version: int, with_reference: bool = True) -> Chunk:
+    """Sample one trajectory per prompt of ``work`` (noise from its seed), recording what its plan needs."""
+    if work.plan is None:
+        raise ValueError("rollout: the work carries no plan (the learner draws it: Learner.works)")
+    t0 = time.perf_counter()
+    gen = torch.Generator(device=model.device).manual_seed(work.seed)
+    with torch.no_grad():
+        cond = model.encode_prompts(list(work.prompts))
+    x_T = model.initial_noise(len(work.prompts), gen)
+    ids = torch.tensor(list(work.prompt_ids), dtype=torch.long)
+    traj = sample(model.chain(), x_T, work.plan, cond, gen, with_reference=with_reference, prompt_ids=ids,
+                  seed=work.seed)
+    return Chunk(traj=traj.to("cpu"), prompts=list(work.prompts), version=version,
+                 stats={"time/sample": time.perf_counter() - t0})
+
+
+def draw(model: DiffusionModel, prompts: Sequence[str], seed: int) -> Tensor:
+    """``x_0`` of fresh samples (nothing recorded) from ``seed``: evaluation, pictures, ``rlr-dist sample``."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    x_T = model.initial_noise(len(prompts), g)
+    with torch.no_grad():
+        cond = model.encode_prompts(list(prompts))
+        return sample(model.chain(), x_T, Plan(), cond, g).x0.cpu()
+
+
+def score(scorer: RewardScorer, chunk: Chunk, need_grad: bool, device: str | torch.device = "cpu") -> Chunk:
+    """Fill ``chunk.reward`` (and ``∂R/∂x_0`` when ``need_grad``) under the scorer's non-finite policy: with
+    ``drop`` the samples whose reward is NaN/inf leave the chunk (counted in ``reward/dropped``)."""
+    t0 = time.perf_counter()
+    R, dR, keep = scorer.score_keep(chunk.traj.x0.to(device), chunk.prompts, need_grad=need_grad)
+    dropped = int((~keep).sum())
+    if dropped:
+        keep = keep.cpu()
+        chunk.traj = chunk.traj.select(keep)
+        chunk.prompts = [p for p, k in zip(chunk.prompts, keep.tolist()) if k]
+        R, dR = R[keep.to(R.device)], None if dR is None else dR[keep.to(dR.device)]
+    chunk.reward, chunk.reward_grad = R.cpu(), None if dR is None else dR.cpu()
+    chunk.stats["reward/dropped"] = float(dropped)
+    chunk.stats["time/score"] = time.perf_counter() - t0
+    return chunk
+
+
+def summarise(chunk: Chunk) -> dict:
+    """The small part of a scored chunk every learner needs: rewards, prompt ids, per-sample sampled KL
+    (``Σ_k δ_k / 2``) and the chunk's stats (timings, dropped samples)."""
+    kl = None if chunk.traj.delta is None else chunk.traj.delta.double().sum(1) / 2
+    return {"reward": chunk.reward, "prompt_ids": chunk.traj.prompt_ids, "kl": kl, "stats": dict(chunk.stats)}
+
+
+def learn(model: DiffusionModel, estimator: Estimator, regulariser: Regulariser, advantages: Advantages,
+          chunks: Sequence[Chunk], all_rewards: Tensor, backward: Callable[[Tensor], None] | None = None,
+          track_norms: bool = False) -> dict[str, float]:
+    """Back-propagate the estimator's surrogate loss over ``chunks`` (gradients accumulate in ``.grad``;
+    the caller steps the optimiser). Each chunk is one :class:`Batch`, weighted by its share of the
+    iteration's samples (``all_rewards``: every learner's, which also sets a batch-wide reward scale).
+    Returns per-term ``loss/<term>`` (and ``gnorm/<term>`` with ``track_norms``) summed over the chunks."""
+    chain = model.chain()
+    total = len(all_rewards)
+    params = model.trainable_parameters() if track_norms else None
+    out: dict[str, float] = {}
+    for c in chunks:
+        w = c.traj.batch_size / total
+        b = Batch(traj=c.traj.to(model.device), chain=chain, reward=c.reward.to(model.device),
+                  reward_grad=None if c.reward_grad is None else c.reward_grad.to(model.device),
+                  regulariser=regulariser, advantages=advantages)
+        b.scale = advantages.scale_factor(all_rewards)
+        terms = ((name, w * loss) for name, loss in estimator.terms(b))
+        for key, v in backward_terms(terms, params, track_norms, backward).items():
+            out[key] = out.get(key, 0.0) + v
+    return out
+
+
+def grad_norm(params: Sequence[Tensor]) -> float:
+    sq = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
+    return sq**0.5
+
+
+def term_metrics(stats: dict[str, float], T: int) -> dict[str, float]:
+    """Per-term learner stats as the metrics a person reads: ``loss/total``, one ``loss/<kind>`` per kind of
+    term (``fo``, ``ho``, ``zo`` summed over steps, ...) and the per-step terms under ``step_loss/`` and
+    ``step_gnorm/`` with zero-padded steps (``step_loss/zo_07``), so they sort and group."""
+    width = max(2, len(str(T)))
+    out: dict[str, float] = {}
+    for key, v in stats.items():
+        what, _, term = key.partition("/")
+        kind, _, k = term.partition(":")
+        if what == "loss":
+            out["loss/total"] = out.get("loss/total", 0.0) + v
+            out[f"loss/{kind}"] = out.get(f"loss/{kind}", 0.0) + v
+        if k.isdigit():
+            out[f"step_{what}/{kind}_{int(k):0{width}d}"] = v
+        elif what == "gnorm":
+            out[f"gnorm/{kind}"] = v
+    return out
+
+
+def batch_metrics(summaries: Sequence[dict]) -> dict[str, float]:
+    """Reward mean/std over the iteration's kept samples, dropped samples, and the sampled KL to the
+    reference (mean over samples of ``Σ_k δ_k / 2``)."""
+    R = torch.cat([s["reward"] for s in summaries]).double()
+    out = {"reward/mean": float(R.mean()), "reward/std": float(R.std()) if R.numel() > 1 else 0.0,
+           "samples": float(R.numel()),
+           "reward/dropped": sum(s["stats"].get("reward/dropped", 0.0) for s in summaries)}
+    kl = [s["kl"] for s in summaries if s["kl"] is not None]
+    if kl:
+        out["kl/sampled"] = float(torch.cat(kl).double().mean())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def eval_parts(prompts: Sequence[str], n: int, parts: int) -> list[tuple[list[str], int]]:
+    """The evaluation batch (``n`` prompts cycled) split into ``parts`` (one per sampler), each with its seed."""
+    per = [prompts[i % len(prompts)] for i in range(n)]
+    return [(per[i::parts], EVAL_SEED + i) for i in range(parts) if per[i::parts]]
+
+
+def eval_metrics(train: RewardScorer, heldout: RewardScorer | None, x0: Tensor, prompts: Sequence[str],
+                 device: str | torch.device = "cpu") -> dict[str, float]:
+    """Evaluation numbers of fresh samples: ``eval/reward`` (the training reward), ``eval/heldout`` (the
+    configured evaluation reward) with that reward's own report numbers (``eval/<name>``), and
+    ``eval/pairwise_l2`` (mean pairwise L2 distance of the decoded samples: diversity)."""
+    x0 = x0.to(device)
+    out = {"eval/reward": float(train.score(x0, prompts)[0].mean())}
+    if heldout is not None:
+        out["eval/heldout"] = float(heldout.score(x0, prompts)[0].mean())
+        with torch.no_grad():
+            extra = heldout.reward.eval_metrics(heldout.decoder(x0).float(), prompts)
+        out.update({f"eval/{k}": float(v) for k, v in extra.items()})
+    if len(x0) > 1:
+        with torch.no_grad():
+            images = train.decoder(x0).float()
+        out["eval/pairwise_l2"] = float(torch.pdist(images.flatten(1).cpu()).mean())
     return out

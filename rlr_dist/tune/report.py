@@ -9,7 +9,7 @@ from pathlib import Path
 from rlr_dist.tune.space import SweepConfig, point_overrides
 from rlr_dist.tune.tracking import trial_status
 
-COLUMNS = ("eval/heldout", "kl/sampled", "reward/mean", "diversity/pairwise_l2", "diversity/class_entropy",
+COLUMNS = ("eval/heldout", "kl/sampled", "reward/mean", "eval/pairwise_l2", "eval/class_entropy",
            "time/trial", "memory/peak_rss_mb", "memory/peak_activation_mb")
 REWARD, DIVERGENCE = "eval/heldout", "kl/sampled"
 

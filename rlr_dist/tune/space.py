@@ -25,8 +25,9 @@ from rlr_dist.train.config import TrainConfig, load_config
 FORMS = ("grid", "choice", "uniform", "loguniform", "randint")
 NUMERIC = (int, float)
 # what every trial reports to Tune (diversity and memory: local runner; eval/reward: pipeline runner)
-METRICS = ("eval/heldout", "eval/heldout_logp", "eval/reward", "kl/sampled", "reward/mean", "diversity/class_entropy",
-           "diversity/pairwise_l2", "time/trial", "memory/peak_rss_mb", "memory/peak_activation_mb")
+# what every trial reports; ``eval/<name>`` numbers of the configured evaluation reward come on top
+METRICS = ("eval/heldout", "eval/reward", "eval/pairwise_l2", "kl/sampled", "reward/mean", "time/trial",
+           "memory/peak_rss_mb", "memory/peak_activation_mb")
 
 
 @dataclass
@@ -146,7 +147,9 @@ def load_sweep(config: str | Path, sweep_path: str | Path, overrides: list[str])
             import optuna  # noqa: F401
         except ImportError:
             raise ConfigError("sweep.search: optuna is not installed (pip install optuna, or search: basic)") from None
-    check(sweep.metric in METRICS, "sweep.metric", f"{sweep.metric!r} is not reported; one of {list(METRICS)}")
+    extra = [] if base.eval_reward is None else [f"eval/{n}" for n in base.eval_reward.cls.eval_metric_names()]
+    check(sweep.metric in METRICS + tuple(extra), "sweep.metric",
+          f"{sweep.metric!r} is not reported; one of {list(METRICS) + extra}")
     return sweep, base
 
 

@@ -1,0 +1,205 @@
+"""Training the toy world's models (``rlr-dist pretrain digits | moving-digits | classifiers``) from data that
+ships in wheels, and writing them as checksummed model folders.
+
+* ``digits``        — class-conditional DDPM on sklearn's digits at 16×16 (``UNet2DModel``, 267 k parameters,
+  11 class embeddings: 0..9 and the null class 10, used for 10 % of training examples so classifier-free
+  guidance works), then the training-reward classifier and the held-out evaluator (unless ``--no-classifiers``).
+* ``moving-digits`` — its video twin: 8 frames of 16×24 stacked as the channels of a ``UNet2DModel``
+  (frame-major, ``(B, C, F, H, W)`` -> ``(B, F·C, H, W)``), class-conditional the same way.
+* ``classifiers``   — only the two classifiers.
+
+Model folders hold ``DDPMPipeline.save_pretrained`` output (``model_index.json``, ``unet/``, ``scheduler/``),
+``rlr_model.json`` (layout, conditioning, classes, shape, ``made_by``) and ``manifest.json`` (written last,
+through :func:`rlr_dist.storage.atomic_dir`). They load with :func:`rlr_dist.models.load_model` like any
+model. A fixed seed and thread count reproduce a run.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlr_dist.toy_world.classifiers import CLASS_NAMES
+from rlr_dist.toy_world.data import CANVAS_W, FRAMES, digits_16, make_clips, motion_offsets
+
+NUM_CLASSES = 10
+NULL_CLASS = 10
+P_NULL = 0.1
+TRAIN_TIMESTEPS = 100
+DEFAULT_STEPS = {"digits": 1200, "moving-digits": 1000}
+DEFAULT_BATCH = {"digits": 128, "moving-digits": 32}
+META = "rlr_model.json"
+
+Log = Callable[[str], None]
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ models
+def make_unet(kind: str):
+    """The UNet of ``kind`` (``digits`` or ``moving-digits``), freshly initialised."""
+    from diffusers import UNet2DModel
+
+    common = dict(layers_per_block=1, norm_num_groups=8, num_class_embeds=NUM_CLASSES + 1,
+                  # no attention: 2x cheaper on CPU, and the 16x16 digits need none (268 k parameters)
+                  down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
+    if kind == "digits":
+        return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32, 32), **common)
+    if kind == "moving-digits":
+        return UNet2DModel(sample_size=(16, CANVAS_W), in_channels=FRAMES, out_channels=FRAMES,
+                           block_out_channels=(24, 48, 48), **common)
+    raise ValueError(f"unknown toy model {kind!r}; choose 'digits' or 'moving-digits'")
+
+
+def make_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="squaredcos_cap_v2",
+                         prediction_type="epsilon")
+
+
+def versions() -> dict:
+    import diffusers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()}
+
+
+def _fmt_secs(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 60}m{s % 60:02d}s"
+
+
+class _Batches:
+    """Random training batches of ``kind`` in [-1, 1] (frames stacked as channels for video) and labels."""
+
+    def __init__(self, kind: str, g: torch.Generator):
+        self.kind, self.g = kind, g
+        self.x, self.y = digits_16("train")
+
+    def __call__(self, n: int) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, len(self.x), (n,), generator=self.g)
+        x, y = self.x[idx], self.y[idx]
+        if self.kind == "moving-digits":
+            offs, _ = motion_offsets(n, self.g)
+            x = make_clips(x, offs)  # (n, 1, F, 16, 24)
+            x = x.permute(0, 2, 1, 3, 4).reshape(n, FRAMES, 16, CANVAS_W)
+        return x, y
+
+
+def train_ddpm(kind: str, steps: int, seed: int = 0, batch: int | None = None, lr: float = 2e-3,
+               log: Log = _log, log_every: int = 100):
+    """Train the DDPM of ``kind``; returns ``(unet, scheduler, seconds, final_loss, cpu_seconds)``."""
+    batch = batch or DEFAULT_BATCH[kind]
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    unet, sched = make_unet(kind), make_scheduler()
+    n_params = sum(p.numel() for p in unet.parameters())
+    log(f"pretrain {kind}: {n_params / 1e6:.3f} M parameters, {steps} steps of batch {batch}, seed {seed}, "
+        f"{torch.get_num_threads()} thread(s)")
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    batches = _Batches(kind, g)
+    unet.train()
+    t0, c0, ema = time.time(), time.process_time(), None
+    for step in range(1, steps + 1):
+        x0, y = batches(batch)
+        y = torch.where(torch.rand(batch, generator=g) < P_NULL, torch.full_like(y, NULL_CLASS), y)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, TRAIN_TIMESTEPS, (batch,), generator=g)
+        xt = sched.add_noise(x0, noise, t)
+        loss = F.mse_loss(unet(xt, t, class_labels=y).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        one_cycle.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % log_every == 0 or step == steps:
+            el = time.time() - t0
+            log(f"  step {step:>5}/{steps}  loss {ema:.4f}  {step / el:.2f} steps/s  "
+                f"elapsed {_fmt_secs(el)}  eta {_fmt_secs(el / step * (steps - step))}")
+    unet.eval()
+    cpu = time.process_time() - c0
+    log(f"  {time.time() - t0:.0f} s wall, {cpu:.0f} s CPU")
+    return unet, sched, time.time() - t0, ema, cpu
+
+
+def load_model(folder: str | Path):
+    """``(unet, scheduler, meta)`` of a toy model folder (eval mode, frozen)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    folder = Path(folder)
+    if not (folder / META).is_file():
+        raise ValueError(f"{folder}: no {META}; not a toy model folder")
+    meta = json.loads((folder / META).read_text())
+    unet = UNet2DModel.from_pretrained(folder, subfolder="unet").eval().requires_grad_(False)
+    sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    return unet, sched, meta
+
+
+def save_model(folder: str | Path, unet, scheduler, kind: str, made_by: dict) -> Path:
+    """Write a model folder (pipeline + ``rlr_model.json``) atomically, ``manifest.json`` last."""
+    from diffusers import DDPMPipeline
+
+    from rlr_dist.storage import atomic_dir
+
+    video = kind == "moving-digits"
+    meta = {"layout": "pixel_video" if video else "pixel", "conditioning": "class", "num_classes": NUM_CLASSES,
+            "null_class": NULL_CLASS, "class_names": CLASS_NAMES, "channels": 1,
+            **({"frames": FRAMES} if video else {}),
+            "sample_size": [16, CANVAS_W] if video else [16, 16], "made_by": made_by}
+
+    def write(tmp: Path) -> None:
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; the shipped folders must be readable by everyone
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+
+    atomic_dir(folder, write)
+    return Path(folder)
+
+
+# -------------------------------------------------------------------------------------------- commands
+def default_asset_dir(name: str) -> Path:
+    """Where ``rlr-dist pretrain`` writes by default: the package's ``assets/toy/<name>``."""
+    return Path(__file__).resolve().parent.parent / "assets" / "toy" / name
+
+
+def made_by(command: str, seed: int, steps: int, seconds: float, **extra) -> dict:
+    return {"command": command, "seed": seed, "steps": steps, "seconds": round(seconds, 1),
+            "threads": torch.get_num_threads(), "versions": versions(), **extra}
+
+
+def pretrain_model(kind: str, out: str | Path | None = None, steps: int | None = None, seed: int = 0,
+                   batch: int | None = None, log: Log = _log, log_every: int = 100,
+                   command: str | None = None) -> dict:
+    """Train and save the DDPM of ``kind``; returns its ``made_by`` record."""
+    steps = steps or DEFAULT_STEPS[kind]
+    batch = batch or DEFAULT_BATCH[kind]
+    out = Path(out) if out else default_asset_dir(kind)
+    unet, sched, secs, loss, cpu = train_ddpm(kind, steps, seed, batch, log=log, log_every=log_every)
+    cmd = command or f"rlr-dist pretrain {kind} --steps {steps} --seed {seed}"
+    record = made_by(cmd, seed, steps, secs, batch=batch, final_loss=round(loss, 4), cpu_seconds=round(cpu, 1))
+    save_model(out, unet, sched, kind, record)
+    log(f"wrote {out} ({_fmt_secs(secs)} of training)")
+    return record
+
+
+def pretrain_classifiers(out_dir: str | Path | None = None, steps: int = 800, seed: int = 0,
+                         log: Log = _log, command: str | None = None) -> dict:
+    """Train and save ``<out_dir>/classifier`` and ``<out_dir>/evaluator``; returns their metrics."""
+    from rlr_dist.toy_world.classifiers import train_both
+
+    out_dir = Path(out_dir) if out_dir else default_asset_dir("classifier").parent
+    cmd = command or f"rlr-dist pretrain classifiers --steps {steps} --seed {seed}"
+    res = train_both(out_dir / "classifier", out_dir / "evaluator", seed=seed, steps=steps,
+                     made_by={"command": cmd, "threads": torch.get_num_threads(), "versions": versions()}, log=log)
+    log(f"wrote {out_dir / 'classifier'} and {out_dir / 'evaluator'}")
+    return res
