@@ -156,6 +156,11 @@ def test_flow_sde_is_euler_maruyama_of_the_reverse_sde(idx):
         want = x + (v - 0.5 * diff**2 * score) * dt
         torch.testing.assert_close(s.mean(x, v, k), want, atol=1e-12, rtol=1e-12)
         assert abs(float(s.sigma[k]) - diff * math.sqrt(-dt)) < 1e-14
+        # per-step KL between two velocities at the same x: (1 + s²(1−t)/(2t))²·‖Δv‖²·(−dt)/(2s²)  (spec §13)
+        dv = torch.randn(3, 4, generator=g, dtype=torch.float64)
+        kl = (s.mean(x, v + dv, k) - s.mean(x, v, k)).pow(2).sum() / (2 * float(s.sigma[k]) ** 2)
+        want_kl = (1 + diff**2 * (1 - t) / (2 * t)) ** 2 * dv.pow(2).sum() * (-dt) / (2 * diff**2)
+        assert abs(float(kl / want_kl) - 1) < 1e-10
     # the last step lands on t = 0 and keeps its Euler–Maruyama noise: std = s(t_1)·√t_1 > 0
     assert s.stochastic(1) and abs(float(s.sigma[1]) - s.eta * ts[1] / math.sqrt(1 - ts[1])) < 1e-14
 
