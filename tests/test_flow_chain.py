@@ -222,6 +222,14 @@ def test_eta_zero_and_outside_the_window_are_ode_steps():
         assert full.with_window({3, 4}).to_dict() == win.to_dict()
 
 
+def test_per_sample_steps():
+    s = toy_flow_schedule(6, "flow_sde", 0.7, window={2, 3, 4})
+    x, v, e = (torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    ks = torch.arange(1, 7)
+    want = torch.stack([s.step(x[i:i + 1], v[i:i + 1], int(ks[i]), e[i:i + 1])[0] for i in range(6)])
+    torch.testing.assert_close(s.step(x, v, ks, e), want)
+
+
 def test_window_functions():
     assert fixed_window(10, 0, 2) == {10, 9}
     seen = [sliding_window(10, 3, it, every=5, stride=2) for it in (0, 4, 5, 10, 15, 100)]
