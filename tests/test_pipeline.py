@@ -153,7 +153,7 @@ def test_both_loops_run_one_iteration_skeleton(ray_cluster, tiny, tmp_path):
     ckpt = json.loads(open(f"{out['checkpoint']}/state.json").read())
     est.load_state_dict(ckpt["learner"]["estimator"])
     assert est.step_norm and est.step_norm == pytest.approx(learner.estimator.step_norm, rel=1e-4)
-    law = est.j_probabilities(6)
+    law = est.j_probabilities(model.schedule())
     g = torch.Generator().manual_seed(0)
     draws = torch.tensor([est.plan(model.schedule(), g).j for _ in range(4000)])
     for j, p in law.items():

@@ -135,7 +135,7 @@ class Estimator(ABC):
         """Per-term statistics of the last step, summed over every learner (``loss/<term>`` and, when
         :attr:`reads_term_norms`, ``gnorm/<term>``)."""
 
-    def plan_metrics(self, plans: list[Plan], T: int) -> dict[str, float]:
+    def plan_metrics(self, plans: list[Plan], schedule: GaussianSchedule) -> dict[str, float]:
         """Numbers about the plans just drawn for an iteration (e.g. the RLR block start and its law)."""
         return {}
 
@@ -233,8 +233,43 @@ def require_stochastic(schedule: GaussianSchedule, steps, who: str) -> None:
     if bad:
         raise ValueError(
             f"{who}: likelihood-ratio terms need σ_k > 0 but steps {bad} are deterministic "
-            f"(σ = 0); use eta > 0 (and a stochastic last step, e.g. DDIM set_alpha_to_one=False) "
-            f"or an estimator that back-propagates those steps")
+            f"(σ = 0); use eta > 0 (and a stochastic last step, e.g. DDIM set_alpha_to_one=False), "
+            f"an estimator that back-propagates those steps, or deterministic='absorb' / 'skip'")
+
+
+# ---------------------------------------------------------------------------------------------------
+# deterministic steps among likelihood-ratio steps (flow-matching windows, a deterministic last step)
+#
+# ``deterministic=`` of the LR-type estimators: "error" refuses them; "skip" leaves them *fixed* (their
+# g_k is dropped — biased; ``describe()["fixed_steps"]`` lists them); "absorb" re-runs the run of
+# deterministic steps directly above a stochastic LR step pathwise, as an HO-style segment ending at it
+# (unbiased: given the segment's top state the steps in between are a fixed differentiable map), at the
+# memory of those steps. Steps below the lowest stochastic step can only be covered pathwise from the
+# reward (RLR's FO term extends over them); without one they stay fixed.
+DETERMINISTIC_MODES = ("error", "skip", "absorb")
+
+
+def segment_top(sigma: Tensor, k: int) -> int:
+    """``k`` plus the run of deterministic steps (σ = 0) directly above it: the top of the pathwise
+    segment that ends at step k in "absorb" mode."""
+    T = sigma.shape[0] - 1
+    top = k
+    while top < T and not float(sigma[top + 1]) > 0:
+        top += 1
+    return top
+
+
+def segment_lr_term(b: Batch, k: int, top: int, weight: float = 1.0) -> Tensor:
+    """:func:`lr_term` of step k over the segment ``top .. k``: re-run pathwise from ``sg(x_top)`` with the
+    stored noises, likelihood ratio at step k (the RLR HO term with its block ending at a stochastic step):
+    ``−w·mean_b[ sg(A^(k)) ⟨m_k(θ), sg ε_k⟩/σ_k − β Σ costs ]``. ``top == k`` is :func:`lr_term`."""
+    if top == k:
+        return lr_term(b, k, weight)
+    _, m_k, cost = segment(b, top, k)
+    loss = -(b.advantage(k) * inner(m_k, b.traj.noise(k)).double() / b.sigma(k)).mean()
+    if b.regulariser.active:
+        loss = loss + b.regulariser.beta * cost.mean()
+    return weight * b.scale * loss
 
 
 def backward_terms(terms: Iterator[tuple[str, Tensor]], params: list[Tensor] | None = None,

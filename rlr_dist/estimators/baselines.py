@@ -16,29 +16,46 @@ from torch import Tensor
 from rlr_dist.chain.schedule import GaussianSchedule
 from rlr_dist.chain.trajectory import Plan, inner, sq_norm
 from rlr_dist.registry import check_param
-from rlr_dist.estimators.base import (ESTIMATORS, Backprop, Batch, Estimator, explicit_cost, lr_term,
-                                      pathwise_term, require_stochastic, segment_calls)
+from rlr_dist.estimators.base import (DETERMINISTIC_MODES, ESTIMATORS, Backprop, Batch, Estimator, explicit_cost,
+                                      pathwise_term, require_stochastic, segment_calls, segment_lr_term, segment_top)
 
 
 @ESTIMATORS.register("lr")
 class LikelihoodRatio(Estimator):
     """DDPO. ``clip_range=None``: the plain score function (unbiased, on-policy). With ``clip_range`` the
     per-step importance ratio ``p_θ/p_old`` is clipped as in PPO (the first epoch equals the score
-    function; later epochs are biased by design)."""
+    function; later epochs are biased by design).
+
+    ``deterministic``: what to do with σ = 0 steps (see ``estimators.base``): "error"; "skip" (fixed:
+    their g_k is dropped, biased); "absorb" (each stochastic step's term re-runs the deterministic steps
+    directly above it pathwise; those below the lowest stochastic step stay fixed).
+    ``describe()["fixed_steps"]`` lists the steps left without gradient."""
 
     def __init__(self, K: int | None = None, clip_range: float | None = None, max_log_ratio: float = 20.0,
                  deterministic: str = "error") -> None:
         check_param("K", K is None or K >= 1, f"must be >= 1 or null, got {K}")
         check_param("clip_range", clip_range is None or clip_range > 0, f"must be > 0 or null, got {clip_range}")
-        check_param("deterministic", deterministic in ("error", "skip"), f"must be 'error' or 'skip', got {deterministic!r}")
+        check_param("deterministic", deterministic in DETERMINISTIC_MODES,
+                    f"must be one of {DETERMINISTIC_MODES}, got {deterministic!r}")
+        check_param("deterministic", deterministic != "absorb" or clip_range is None,
+                    "'absorb' is not supported with clip_range (PPO ratios are per step)")
         self.K, self.clip_range, self.max_log_ratio = K, clip_range, max_log_ratio
         self.deterministic = deterministic  # skip: no gradient for σ = 0 steps (biased: their g_k is dropped)
+        self.fixed_steps: tuple[int, ...] | None = None  # steps left without gradient (set by check / plan)
 
     def _steps(self, schedule: GaussianSchedule) -> list[int]:
         return [k for k in range(1, schedule.T + 1) if self.deterministic == "error" or schedule.stochastic(k)]
 
+    def _top(self, sigma: Tensor, k: int) -> int:
+        return segment_top(sigma, k) if self.deterministic == "absorb" else k
+
+    def _fixed(self, schedule: GaussianSchedule) -> tuple[int, ...]:
+        covered = {i for k in self._steps(schedule) for i in range(k, self._top(schedule.sigma, k) + 1)}
+        return tuple(k for k in range(1, schedule.T + 1) if k not in covered)
+
     def check(self, schedule: GaussianSchedule) -> None:
         require_stochastic(schedule, self._steps(schedule), "lr")
+        self.fixed_steps = self._fixed(schedule)
 
     def plan(self, schedule: GaussianSchedule, generator: torch.Generator | None = None) -> Plan:
         every = self._steps(schedule)
@@ -47,13 +64,17 @@ class LikelihoodRatio(Estimator):
             steps, weight = tuple(every), 1.0
         else:
             steps, weight = tuple(sorted(every[int(i)] for i in torch.randperm(n, generator=generator)[: self.K])), n / self.K
-        states = set(steps) | ({k - 1 for k in steps} if self.clip_range is not None else set())
+        states = {self._top(schedule.sigma, k) for k in steps} | ({k - 1 for k in steps} if self.clip_range is not None else set())
+        self.fixed_steps = self._fixed(schedule)
         return Plan(states=frozenset(states - {0}), noises=frozenset(steps), steps=steps, step_weight=weight)
 
     def terms(self, b: Batch) -> Iterator[tuple[str, Tensor]]:
         p = b.traj.plan
         for k in p.steps:
-            yield f"lr:{k}", lr_term(b, k, p.step_weight) if self.clip_range is None else self.ppo_term(b, k, p.step_weight)
+            if self.clip_range is not None:
+                yield f"lr:{k}", self.ppo_term(b, k, p.step_weight)
+            else:
+                yield f"lr:{k}", segment_lr_term(b, k, self._top(b.traj.sigma, k), p.step_weight)
 
     def ppo_term(self, b: Batch, k: int, weight: float) -> Tensor:
         """``−mean_b min(r A, clip(r) A)`` with ``log r = ⟨ε, Δ⟩/σ − ‖Δ‖²/(2σ²)``, ``Δ = μ_θ − μ_old`` and
@@ -76,7 +97,8 @@ class LikelihoodRatio(Estimator):
         return Backprop(segment=1, steps=1, calls=min(self.K or T, T))
 
     def describe(self) -> dict:
-        return {"name": "lr", "K": self.K, "clip_range": self.clip_range, "deterministic": self.deterministic}
+        return {"name": "lr", "K": self.K, "clip_range": self.clip_range, "deterministic": self.deterministic,
+                "fixed_steps": None if self.fixed_steps is None else list(self.fixed_steps)}
 
 
 @ESTIMATORS.register("truncated_bp")

@@ -11,6 +11,14 @@ Steps ``k = T..1`` are split into
 Every step is covered exactly once, so for any ``h`` and any law of ``j`` the estimate is unbiased
 (SPSA: for the parameter-smoothed objective, O(s_p²)). ``fo=False`` is the black-box-reward mode:
 step 1 joins C (it then needs σ_1 > 0) and the block may start at j = 1.
+
+Deterministic steps (σ = 0: a flow-matching window's ODE steps, a deterministic last step) are covered
+pathwise when they lie in the FO step or the HO block. Elsewhere ``deterministic=`` decides (see
+``estimators.base``): "error" refuses; "skip" leaves those in C *fixed* (g_k dropped, biased; listed in
+``describe()["fixed_steps"]``); "absorb" extends the FO segment, the HO block and each ZO-LR step's
+segment upward over the deterministic steps directly above them (unbiased; memory of those steps).
+With "skip"/"absorb" the block start j is drawn among the stochastic candidates only; with zo="spsa"
+the parameter perturbation covers deterministic steps of C itself, so nothing is absorbed.
 """
 from __future__ import annotations
 
@@ -22,8 +30,9 @@ from torch import Tensor
 from rlr_dist.chain.schedule import GaussianSchedule
 from rlr_dist.chain.trajectory import Plan, inner
 from rlr_dist.registry import check_param
-from rlr_dist.estimators.base import (ESTIMATORS, Backprop, Batch, Estimator, explicit_cost, lr_term,
-                                      pathwise_term, require_stochastic, segment, segment_calls)
+from rlr_dist.estimators.base import (DETERMINISTIC_MODES, ESTIMATORS, Backprop, Batch, Estimator, explicit_cost,
+                                      pathwise_term, require_stochastic, segment, segment_calls, segment_lr_term,
+                                      segment_top)
 
 ZO_MODES = ("lr", "lr_sampled", "spsa", "none")
 J_LAWS = ("uniform", "range", "softmax")
@@ -33,7 +42,7 @@ J_LAWS = ("uniform", "range", "softmax")
 class RLR(Estimator):
     def __init__(self, h: int = 2, zo: str = "lr", K: int = 4, j_law: str = "uniform",
                  j_range: tuple[int, int] | None = None, temperature: float = 1.0, ema: float = 0.9,
-                 spsa_scale: float = 1e-2, fo: bool = True) -> None:
+                 spsa_scale: float = 1e-2, fo: bool = True, deterministic: str = "error") -> None:
         check_param("h", h >= 1, f"must be >= 1, got {h}")
         check_param("zo", zo in ZO_MODES, f"must be one of {ZO_MODES}, got {zo!r}")
         check_param("j_law", j_law in J_LAWS, f"must be one of {J_LAWS}, got {j_law!r}")
@@ -43,6 +52,10 @@ class RLR(Estimator):
         check_param("temperature", temperature > 0, f"must be > 0, got {temperature}")
         check_param("ema", 0 <= ema < 1, f"must be in [0, 1), got {ema}")
         check_param("spsa_scale", zo != "spsa" or spsa_scale > 0, f"must be > 0, got {spsa_scale}")
+        check_param("deterministic", deterministic in DETERMINISTIC_MODES,
+                    f"must be one of {DETERMINISTIC_MODES}, got {deterministic!r}")
+        self.deterministic = deterministic
+        self.fixed_steps: tuple[int, ...] | None = None  # steps left without gradient (set by check / plan)
         self.h, self.zo, self.K, self.j_law, self.j_range = h, zo, K, j_law, j_range
         self.temperature, self.ema, self.spsa_scale, self.fo = temperature, ema, spsa_scale, fo
         self.needs_reward_grad = fo
@@ -62,22 +75,56 @@ class RLR(Estimator):
         first = 2 if self.fo else 1
         return [k for k in range(first, T + 1) if not j <= k < j + self.h]
 
+    def _starts(self, schedule: GaussianSchedule) -> list[int]:
+        """Block starts j this schedule allows (stochastic ones only unless deterministic='error')."""
+        cands = self.j_candidates(schedule.T)
+        return cands if self.deterministic == "error" else [j for j in cands if schedule.stochastic(j)]
+
+    @property
+    def _absorb(self) -> bool:
+        return self.deterministic == "absorb" and self.zo != "spsa"
+
+    def _top(self, sigma: Tensor, k: int) -> int:
+        return segment_top(sigma, k) if self._absorb else k
+
+    def _lr_set(self, schedule: GaussianSchedule, C: list[int]) -> list[int]:
+        """The ZO-LR steps of C: all of C, or its stochastic steps unless deterministic='error'."""
+        return C if self.deterministic == "error" else [k for k in C if schedule.stochastic(k)]
+
+    def _fixed(self, schedule: GaussianSchedule, j: int) -> tuple[int, ...]:
+        """Steps no term covers for block start j (their g_k is dropped)."""
+        sig, T = schedule.sigma, schedule.T
+        C = self.zo_set(T, j)
+        covered = set(range(j, max(j + self.h - 1, self._top(sig, j + self.h - 1)) + 1))
+        if self.fo:
+            covered |= set(range(1, self._top(sig, 1) + 1))
+        if self.zo == "spsa":
+            covered |= set(C)
+        elif self.zo != "none":
+            covered |= {i for k in self._lr_set(schedule, C) for i in range(k, self._top(sig, k) + 1)}
+        return tuple(k for k in range(1, T + 1) if k not in covered)
+
     def check(self, schedule: GaussianSchedule) -> None:
         T = schedule.T
         if not self.j_candidates(T):
             raise ValueError(f"estimator: no valid block start j for T={T}, h={self.h}"
                              + (f", j_range={self.j_range}" if self.j_law == "range" else "")
                              + (" (the block must fit in steps 2..T, below it is the FO step)" if self.fo else ""))
-        lr_steps = set(self.j_candidates(T))
-        if self.zo in ("lr", "lr_sampled"):
-            lr_steps |= set(range(2 if self.fo else 1, T + 1))
-        require_stochastic(schedule, sorted(lr_steps), f"rlr (h={self.h}, zo={self.zo})")
+        if self.deterministic == "error":
+            lr_steps = set(self.j_candidates(T))
+            if self.zo in ("lr", "lr_sampled"):
+                lr_steps |= set(range(2 if self.fo else 1, T + 1))
+            require_stochastic(schedule, sorted(lr_steps), f"rlr (h={self.h}, zo={self.zo})")
+        elif not self._starts(schedule):
+            raise ValueError(f"estimator: no stochastic block start j among {self.j_candidates(T)} "
+                             f"(the HO likelihood ratio sits at step j, which needs σ_j > 0)")
+        self.fixed_steps = tuple(sorted({k for j in self._starts(schedule) for k in self._fixed(schedule, j)}))
 
     def plan(self, schedule: GaussianSchedule, generator: torch.Generator | None = None) -> Plan:
         T = schedule.T
-        cands = self.j_candidates(T)
+        cands = self._starts(schedule)
         j = cands[int(torch.multinomial(self._j_probs(cands), 1, generator=generator))]
-        C = self.zo_set(T, j)
+        C = self._lr_set(schedule, self.zo_set(T, j)) if self.zo in ("lr", "lr_sampled") else self.zo_set(T, j)
         steps, weight, seed = (), 1.0, None
         if self.zo == "lr":
             steps = tuple(C)
@@ -88,8 +135,11 @@ class RLR(Estimator):
         elif self.zo == "spsa":
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         block = set(range(j, j + self.h))
-        states = {j + self.h - 1, *steps} | ({1} if self.fo else set())
+        sig = schedule.sigma
+        states = {self._top(sig, j + self.h - 1), *(self._top(sig, k) for k in steps)}
+        states |= {self._top(sig, 1)} if self.fo else set()
         noises = block | set(steps) | ({1} if self.fo and schedule.stochastic(1) else set())
+        self.fixed_steps = self._fixed(schedule, j)
         return Plan(states=frozenset(states), noises=frozenset(noises), record_all=self.zo == "spsa",
                     j=j, h=self.h, steps=steps, step_weight=weight, seed=seed)
 
@@ -107,11 +157,12 @@ class RLR(Estimator):
         p = b.traj.plan
         if self.zo == "spsa":  # first: it shifts θ in place, which must not happen under a live graph
             yield "zo:spsa", spsa_term(b, self.zo_set(b.traj.T, p.j), self.spsa_scale, p.seed)
+        sig = b.traj.sigma
         if self.fo:
-            yield "fo", pathwise_term(b, 1)
-        yield "ho", self.ho_term(b, p.j, p.h)
+            yield "fo", pathwise_term(b, self._top(sig, 1))
+        yield "ho", self.ho_term(b, p.j, max(p.h, self._top(sig, p.j + p.h - 1) - p.j + 1))
         for k in p.steps:
-            yield f"zo:{k}", lr_term(b, k, p.step_weight)
+            yield f"zo:{k}", segment_lr_term(b, k, self._top(sig, k), p.step_weight)
 
     def ho_term(self, b: Batch, j: int, h: int) -> Tensor:
         """``−mean_b[ sg(A^(j)) ⟨m_j(θ), sg ε_j⟩/σ_j − β Σ_{k∈S} c_k(x̃_k(θ); θ) ]``."""
@@ -134,17 +185,17 @@ class RLR(Estimator):
     def load_state_dict(self, state: dict) -> None:
         self.step_norm = {int(k): float(v) for k, v in state.get("step_norm", {}).items()}
 
-    def j_probabilities(self, T: int) -> dict[int, float]:
+    def j_probabilities(self, schedule: GaussianSchedule) -> dict[int, float]:
         """The law of the block start j this estimator draws from now (uniform until norms are measured)."""
-        cands = self.j_candidates(T)
+        cands = self._starts(schedule)
         return dict(zip(cands, self._j_probs(cands).tolist()))
 
-    def plan_metrics(self, plans: list[Plan], T: int) -> dict[str, float]:
+    def plan_metrics(self, plans: list[Plan], schedule: GaussianSchedule) -> dict[str, float]:
         """``plan/j``: the block starts drawn (mean over the iteration's plans); ``plan/p_j``: their mean
         probability under the law they were drawn from; ``plan/j_tv``: that law's total-variation distance
         from uniform (0 for the uniform law); ``step_law/j_NN``: the law itself (softmax law only)."""
-        law = self.j_probabilities(T)
-        n = len(law)
+        law = self.j_probabilities(schedule)
+        n, T = len(law), schedule.T
         out = {"plan/j": sum(p.j for p in plans) / len(plans), "plan/p_j": sum(law[p.j] for p in plans) / len(plans),
                "plan/j_tv": 0.5 * sum(abs(q - 1 / n) for q in law.values())}
         if self.j_law == "softmax":
@@ -164,7 +215,9 @@ class RLR(Estimator):
 
     def describe(self) -> dict:
         return {"name": "rlr", "h": self.h, "zo": self.zo, "K": self.K, "j_law": self.j_law,
-                "j_range": self.j_range, "fo": self.fo, "spsa_scale": self.spsa_scale}
+                "j_range": self.j_range, "fo": self.fo, "spsa_scale": self.spsa_scale,
+                "deterministic": self.deterministic,
+                "fixed_steps": None if self.fixed_steps is None else list(self.fixed_steps)}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -195,7 +195,8 @@ class TrainConfig:
         try:
             self.make_estimator().check(schedule)
         except ValueError as e:
-            raise ConfigError(f"estimator: {e} (model: {self.model.sampler}, eta {self.model.eta}, "
+            msg = str(e).removeprefix("estimator: ")
+            raise ConfigError(f"estimator: {msg} (model: {self.model.sampler}, eta {self.model.eta}, "
                               f"last_step_eta {self.model.last_step_eta}, {self.model.num_inference_steps} steps)") from None
 
     def make_estimator(self):

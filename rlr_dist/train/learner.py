@@ -47,7 +47,7 @@ class Learner:
         works = step.iteration_work(self.prompts, iteration, t.seed, t.prompts_per_iteration, t.samples_per_prompt,
                                     chunks)
         works = [step.with_plan(w, self.estimator, self.schedule) for w in works]
-        self._plan_metrics[iteration] = self.estimator.plan_metrics([w.plan for w in works], self.T)
+        self._plan_metrics[iteration] = self.estimator.plan_metrics([w.plan for w in works], self.schedule)
         return works
 
     def learn(self, model: DiffusionModel, chunks: Sequence[step.Chunk], summaries: Sequence[dict],
