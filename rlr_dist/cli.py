@@ -72,10 +72,23 @@ def _config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from rlr_dist.pipeline.run import train
+    import signal
+
+    from rlr_dist.pipeline.run import Interrupted, train
 
     cfg = _config(args)  # validated before any Ray resource is taken
-    out = train(cfg, resume=args.resume)
+
+    def terminated(signum, frame):  # SIGTERM (e.g. a scheduler stopping the job) ends the run like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        out = train(cfg, resume=args.resume)
+    except KeyboardInterrupt as e:
+        again = " ".join(["rlr-dist", "train", args.config or "", *args.overrides, "--resume"])
+        why = str(e) if isinstance(e, Interrupted) else "interrupted before training started"
+        print(f"\n[rlr-dist] {why}. Continue from the last checkpoint with:\n  {again}", file=sys.stderr, flush=True)
+        return 130
     m = out["metrics"]
     print(f"[rlr-dist] done in {out['seconds']:.0f} s: {int(m.get('weights_version', 0))} iterations, "
           f"reward {m.get('reward/mean', float('nan')):.3f}; MLflow run {out['run_id']} ({out['tracking_uri']})")
@@ -84,8 +97,8 @@ def _train(args: argparse.Namespace) -> int:
         if key in m and key in before:
             print(f"[rlr-dist] {key}: before {before[key]:.3f} -> after {m[key]:.3f}")
     print(f"[rlr-dist] outputs: {out['output_dir']} (samples/, reward_curve.png); checkpoint: {out['checkpoint']}")
-    if cfg.export:
-        print(f"[rlr-dist] fine-tuned model: {cfg.export}")
+    if out.get("export"):
+        print(f"[rlr-dist] fine-tuned model: {out['export']}")
     return 0
 
 
@@ -113,6 +126,10 @@ def _model_prompts(args: argparse.Namespace):
 
     from rlr_dist.models import load_model
 
+    if getattr(args, "out", None):  # rlr-dist sample: the output must be writable before any sampling
+        from rlr_dist import storage
+
+        storage.check_writable(os.path.dirname(os.path.abspath(args.out)) or ".", "--out")
     torch.set_num_threads(args.threads)
     model = load_model({"path": args.model, "num_inference_steps": args.steps, "guidance_scale": args.guidance})
     prompts = [args.prompt[i % len(args.prompt)] for i in range(args.n)]
@@ -142,10 +159,18 @@ def _sample(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import yaml
 
-    from rlr_dist.rewards import build_scorer
+    from rlr_dist.config import ConfigError
+    from rlr_dist.rewards import RewardSpec, build_scorer
 
+    try:
+        params = yaml.safe_load(args.params) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--params: {args.params!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"--params: expected a mapping like '{{target: 3}}', got {args.params!r}")
+    spec = RewardSpec.parse({"name": args.reward, **params}, "--reward")  # checked before the model loads
     model, prompts = _model_prompts(args)
-    scorer = build_scorer({"name": args.reward, **(yaml.safe_load(args.params) or {})}, model.decoder())
+    scorer = build_scorer(spec, model.decoder())
     x0, _ = _draw(model, prompts, args.seed)
     R, _ = scorer.score(x0, prompts)
     print(f"{args.reward} on {len(R)} samples of {args.model}: mean {float(R.mean()):.4f}  std {float(R.std()):.4f}")
@@ -331,10 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     if bad or (extra and not getattr(args, "takes_overrides", False)):
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)} (overrides look like --section.key=value)")
     args.overrides = extra
+    from rlr_dist.models import ModelError
+    from rlr_dist.rewards import RewardError
+    from rlr_dist.storage import StorageError
+
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"rlr-dist: config error: {e}", file=sys.stderr)
+        return 2
+    except (ModelError, RewardError, StorageError) as e:  # expected errors: one line naming the file / field
+        print(f"rlr-dist: {e}", file=sys.stderr)
         return 2
 
 

@@ -22,6 +22,24 @@ class ConfigError(ValueError):
     """A config value is wrong; the message starts with the dotted field name."""
 
 
+class PathArg(str):
+    """Annotation of a parameter that names a local path or a URI (``s3://``, ``toy:``, a hub id). Relative
+    local paths are resolved against the directory a run is started from, before anything starts, so
+    actors (whose working directory may differ) read the same file (:func:`resolve_path`)."""
+
+
+def resolve_path(value: str | None, base: Path, output: bool = False) -> str | None:
+    """``value`` made absolute against ``base`` when it is a relative local path: always for an ``output``
+    (it may not exist yet), for an input only when ``base / value`` exists (else it may be a hub id)."""
+    if value is None or "://" in value or (":" in value and not Path(value).drive and value.split(":", 1)[0].isidentifier()):
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    candidate = (base / p).resolve()
+    return str(candidate) if output or candidate.exists() else value
+
+
 def check(ok: bool, field: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{field}: {msg}")
@@ -92,10 +110,10 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
             except ValueError:
                 pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
+    if tp is str or tp is PathArg:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise ConfigError(f"{where}: expected a {'path' if tp is PathArg else 'string'}, got {value!r}")
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
@@ -176,11 +194,36 @@ class Component:
     def to_dict(self) -> dict:
         return {"name": self.name, **self.params, **self.options}
 
+    def resolved(self, base: Path) -> "Component":
+        """A copy whose :class:`PathArg` parameters are resolved against ``base`` (those of nested components
+        too: a parameter that is a ``{name: ...}`` mapping or a list of them)."""
+        params = _resolve_params(self.registry(), self.name, self.params, base)
+        return type(self)(self.name, params, self.where, **self.options)
+
     def __eq__(self, other: Any) -> bool:
         return type(other) is type(self) and other.to_dict() == self.to_dict()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.to_dict()!r})"
+
+
+def _resolve_params(registry, name: str, params: dict, base: Path) -> dict:
+    try:
+        hints = typing.get_type_hints(registry.get(name).__init__)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: nothing is known to be a path
+        hints = {}
+
+    def walk(key: str, value: Any) -> Any:
+        tp = hints.get(key)
+        if isinstance(value, str) and (tp is PathArg or PathArg in typing.get_args(tp)):
+            return resolve_path(value, base)
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            return {**value, **_resolve_params(registry, value["name"], value, base)}
+        if isinstance(value, list):
+            return [walk(key, v) if isinstance(v, dict) else v for v in value]
+        return value
+
+    return {k: walk(k, v) for k, v in params.items() if k != "name"}
 
 
 def to_dict(obj: Any) -> Any:
@@ -197,17 +240,24 @@ def to_dict(obj: Any) -> Any:
 
 
 def load_yaml(path: str | Path) -> dict:
+    """The mapping a YAML config file holds; an empty file (or one of comments only) is an error, not the
+    defaults: a run that trains on defaults because its file was empty is a silent surprise."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a directory; give a YAML file (e.g. jobs/configs/digits.yaml)")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r}: top level must be a mapping")
+        what = "is empty" if data is None else f"holds a {type(data).__name__}, not a mapping of sections"
+        raise ConfigError(f"config file {str(p)!r} {what}; see jobs/configs/ for examples")
+    if not data:
+        raise ConfigError(f"config file {str(p)!r} sets nothing ({{}}); see jobs/configs/ for examples")
     return data
 
 
@@ -230,7 +280,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             elif not isinstance(nxt, dict):
                 raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
             node = nxt
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: the value {raw!r} is not valid YAML ({str(e).splitlines()[0]})") from None
     return out
 
 

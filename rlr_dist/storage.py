@@ -78,8 +78,12 @@ def verify_manifest(root: str | Path, what: str | None = None) -> dict:
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise StorageError(f"{what}: no {MANIFEST} (incomplete or not written by rlr-dist)")
-    manifest = json.loads(mpath.read_text())
-    for rel, info in manifest["files"].items():
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        raise StorageError(f"{what}: {MANIFEST} is unreadable (damaged)") from None
+    for rel, info in files.items():
         p = root / rel
         if not p.is_file():
             raise StorageError(f"{what}: file {rel!r} listed in the manifest is missing")
@@ -260,3 +264,33 @@ def put(local: str | Path, uri: str | os.PathLike) -> None:
         return
     atomic_dir(uri, lambda tmp: shutil.copytree(local, tmp, dirs_exist_ok=True,
                                                 ignore=shutil.ignore_patterns(MANIFEST)))
+
+
+def check_writable(uri: str | os.PathLike, what: str) -> None:
+    """Fail fast (a few seconds, not a minute of retries) unless ``uri`` — a local folder or ``s3://bucket/...``
+    — can be written: the folder is created and a probe file written and removed; the bucket must answer."""
+    if is_s3(uri):
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, _ = split_s3(str(uri))
+        client = boto3.client("s3", config=Config(retries={"max_attempts": 1}, connect_timeout=3, read_timeout=5))
+        try:
+            client.head_bucket(Bucket=bucket)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "?")
+            raise StorageError(f"{what} {uri}: bucket {bucket!r} answered {code} (does it exist, may these "
+                               "credentials write it?)") from None
+        except BotoCoreError as e:
+            endpoint = os.environ.get("AWS_ENDPOINT_URL", "the AWS default endpoint")
+            raise StorageError(f"{what} {uri}: cannot reach S3 at {endpoint}: {type(e).__name__}") from None
+        return
+    p = Path(uri)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".rlr-write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise StorageError(f"{what} {uri}: cannot write there ({e.strerror or e})") from None

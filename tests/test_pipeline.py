@@ -104,7 +104,7 @@ def test_train_tracks_checkpoints_and_resumes_to_the_single_process_result(ray_c
         assert [m.value for m in steps] == pytest.approx([h[key] for h in history], rel=1e-4, abs=1e-7), key
 
 
-TRANSPORT = ("time/", "samples_per_s", "weights_version", "actor_restarts")  # what only the Ray loop measures
+TRANSPORT = ("time/", "samples_per_s", "weights_version", "restarts/")  # what only the Ray loop measures
 
 
 def test_both_loops_run_one_iteration_skeleton(ray_cluster, tiny, tmp_path):
@@ -165,14 +165,16 @@ def test_both_loops_run_one_iteration_skeleton(ray_cluster, tiny, tmp_path):
 def test_text_to_image_run_survives_a_killed_sampler(ray_cluster, tiny, tmp_path, monkeypatch):
     from rlr_dist.pipeline.run import train
 
-    monkeypatch.setenv("RLR_DIST_CRASH_SAMPLER", f"1:1:{tmp_path / 'crashed'}")
+    monkeypatch.setenv("RLR_DIST_CRASH", "sampler:1:1:sample")
+    monkeypatch.setenv("RLR_DIST_CRASH_DIR", str(tmp_path))
     cfg = _cfg(tiny["sd"], tmp_path / "sd", **{"data.prompts": ["a cat", "a red dog"], "train.iterations": 3,
                                                "train.eval_every": 0, "cluster.samplers.max_restarts": 2,
                                                "model.guidance_scale": 2.0, "deepspeed.zero_stage": 2})
     out = train(cfg)
-    assert (tmp_path / "crashed").exists()  # the sampler really died
+    assert (tmp_path / "sampler_1_1_sample").exists()  # the sampler really died
     assert out["metrics"]["weights_version"] == 3
-    assert out["metrics"]["actor_restarts"] >= 1
+    assert out["metrics"]["restarts/actors"] >= 1 and out["metrics"]["restarts/calls_rerun"] >= 1
+    assert out["metrics"]["restarts/learners"] == 0
 
 
 def test_video_run_with_overlap_checkpoints_to_s3(ray_cluster, tiny, tmp_path, s3_server):

@@ -117,10 +117,52 @@ def save(engine, folder: Path, state: dict, rank: int) -> None:
 
 
 def load(engine, folder: Path) -> dict:
-    """Restore the engine (model + optimizer) and return the loop state; refuses an incomplete checkpoint."""
-    if (folder / storage.MANIFEST).is_file():
-        storage.verify_manifest(folder, "checkpoint")
-    elif not (folder / STATE_FILE).is_file():
-        raise storage.StorageError(f"checkpoint {folder} is incomplete (no {storage.MANIFEST} or {STATE_FILE})")
+    """Restore the engine (model + optimizer) and return the loop state. Nothing is read before the manifest
+    vouches for every file (sha256 and size, every rank's shards): a folder without one is refused."""
+    if not (folder / storage.MANIFEST).is_file():
+        raise storage.StorageError(f"checkpoint {folder.name}: no {storage.MANIFEST} (incomplete, or not written "
+                                   "by rlr-dist); refused")
+    storage.verify_manifest(folder, f"checkpoint {folder.name}")
     engine.load_checkpoint(str(folder), tag=DS_TAG)
     return json.loads((folder / STATE_FILE).read_text())
+
+
+def restore(engine, checkpoint, fallback: bool = True, say=print) -> tuple[dict, str]:
+    """Load ``checkpoint`` (a Ray Train checkpoint); if it is damaged and ``fallback``, the newest older
+    checkpoint of the same run that verifies, saying which. Returns ``(loop state, checkpoint name)``."""
+    import ray.train
+
+    def attempt(ckpt) -> dict:
+        with ckpt.as_directory() as d:
+            return load(engine, Path(d))
+
+    try:
+        return attempt(checkpoint), Path(checkpoint.path).name
+    except storage.StorageError as e:
+        if not fallback:
+            raise
+        first = str(e)
+    for path in older_checkpoints(checkpoint):
+        try:
+            state = attempt(ray.train.Checkpoint(path=path, filesystem=checkpoint.filesystem))
+        except storage.StorageError as e:
+            say(f"[learner] checkpoint {Path(path).name} is damaged too: {e}")
+            continue
+        say(f"[learner] the latest checkpoint is damaged ({first}); resuming from the newest one that verifies, "
+            f"{Path(path).name} (iteration {state['iteration']})")
+        return state, Path(path).name
+    raise storage.StorageError(f"{first}; and no older checkpoint of this run verifies (checkpoint.on_corrupt: "
+                               "fallback found none) — start afresh without --resume, or repair the folder")
+
+
+def older_checkpoints(checkpoint) -> list[str]:
+    """Paths of the checkpoints of the same run older than ``checkpoint``, newest first (Ray Train names them
+    ``checkpoint_<timestamp>``, so names sort by time), on whatever filesystem it lives (local, S3)."""
+    import pyarrow.fs as pafs
+
+    fs, here = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent, name = here.rsplit("/", 1)
+    infos = fs.get_file_info(pafs.FileSelector(parent))
+    names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+    return [f"{parent}/{n}" for n in names]

@@ -59,8 +59,8 @@ def learner_loop(config: dict) -> None:
     start, elapsed_before = 0, 0.0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = ds.load(engine, Path(d))
+        state, _ = ds.restore(engine, ckpt, cfg.checkpoint.on_corrupt == "fallback",
+                              say=print if rank == 0 else (lambda msg: None))
         start, elapsed_before = state["iteration"], state.get("elapsed", 0.0)
         core.load_state_dict(state["learner"] if "learner" in state else  # a checkpoint of rlr-dist <= 0.1
                              {"advantages": state["advantages"], "estimator": {"step_norm": state.get("step_norm", {})}})
@@ -68,7 +68,7 @@ def learner_loop(config: dict) -> None:
             print(f"[learner] resumed from the checkpoint of iteration {start}", flush=True)
     T = cfg.train.iterations
     pools = ActorPools(cfg, config["samplers"], config["rewards"], core.need_grad, rank, world, config.get("store"))
-    tracker = Tracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    tracker = Tracker(config["tracking_uri"], config["run_id"], once=True) if rank == 0 else None
     probe_prompt = core.prompts[0]
 
     def push_weights(version: int) -> float:
@@ -91,6 +91,7 @@ def learner_loop(config: dict) -> None:
         dist.all_gather_object(parts, obj)
         return parts
 
+    learner_starts = _count_start(out_dir, config.get("attempt", ""), start) if rank == 0 else 1
     sync_s = push_weights(start)
     if rank == 0 and start == 0 and cfg.train.eval_every:  # the baseline every later number is compared with
         ev, grid = pools.evaluate(0, out_dir)
@@ -115,7 +116,10 @@ def learner_loop(config: dict) -> None:
         engine.step()
         gnorm = engine.get_global_grad_norm() if gnorm is None else gnorm  # ZeRO: DeepSpeed's (pre-clip) norm
         metrics = core.finish(it, every, summed, gnorm)
-        restarts = sum(gather(pools.restarts))
+        if rank == 0:
+            for sm in every:
+                pools.note(sm.get("actors", {}))
+        retries = sum(gather(pools.retries))
         sync_s = push_weights(it + 1)
         if not cfg.train.overlap and it + 1 < T:
             pending = pools.submit(core.works(it + 1, pools.chunks), it + 1)
@@ -123,7 +127,8 @@ def learner_loop(config: dict) -> None:
             metrics.update({"time/wait_samples": t_wait, "time/sync": sync_s,
                             "time/iteration": time.perf_counter() - t_it,
                             "samples_per_s": metrics["samples"] / (time.perf_counter() - t_it),
-                            "weights_version": it + 1, "actor_restarts": restarts})
+                            "weights_version": it + 1, "restarts/actors": pools.restarts,
+                            "restarts/calls_rerun": retries, "restarts/learners": learner_starts - 1})
             for phase, n in (("sample", len(pools.samplers)), ("score", len(pools.rewards))):  # busy s per actor
                 metrics[f"time/{phase}"] = sum(s["stats"].get(f"time/{phase}", 0.0) for s in every) / n
             if cfg.train.eval_every and ((it + 1) % cfg.train.eval_every == 0 or it + 1 == T):
@@ -139,6 +144,22 @@ def learner_loop(config: dict) -> None:
             if rank == 0:
                 model.export(cfg.export)
                 print(f"[learner] exported the fine-tuned model to {cfg.export}", flush=True)
+
+
+STARTS_FILE = "learner_starts.log"
+
+
+def _count_start(out_dir: Path, attempt: str, start: int) -> int:
+    """Record that the learner group (re)started for the driver's ``attempt`` (one ``rlr-dist train`` call)
+    at iteration ``start``; returns how many times it has started in this attempt (1: never restarted)."""
+    path = out_dir / STARTS_FILE
+    with path.open("a") as f:
+        f.write(f"{attempt} {start} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    n = sum(1 for line in path.read_text().splitlines() if line.split(" ", 1)[0] == attempt)
+    if n > 1:
+        print(f"[learner] the learner group restarted ({n - 1} time(s) in this run); continuing at iteration {start}",
+              flush=True)
+    return n
 
 
 def _checkpoint(cfg, engine, it, T, rank, core, elapsed, metrics) -> None:

@@ -2,8 +2,12 @@
 
 Every learner has one. Work goes sampler -> reward actor as an object ref (the chunk never passes through
 a learner until the learner fetches its own share); only small summaries are fetched by every learner.
-A failed call (an actor died and restarted, or lost its weights) is re-run with the same work and seed,
-so no sample is counted twice.
+An actor that dies is restarted by Ray (``cluster.*.max_restarts``); wherever its death is seen — at the
+weight sync, at sampling or at scoring — the call is re-run (the sync re-pushes the weights; a chunk is
+redone with the same work and seed, so no sample is counted twice or lost) within the roles' restart
+budget, a line says so, and the learners carry on: an actor's death never restarts them. Restarts are
+counted from each actor's *incarnation* (an id it draws when it starts), so a restart between two calls,
+which no call sees fail, is counted too.
 """
 from __future__ import annotations
 
@@ -38,7 +42,9 @@ class ActorPools:
         self.rank, self.world = rank, world
         self.version = 0
         self.state_ref = None
-        self.restarts = 0
+        self.retries = 0                     # calls re-run because an actor died under them
+        self.restarts = 0                    # actor processes seen to have restarted (incarnation changed)
+        self.incarnations: dict[str, str] = {}
 
     @property
     def chunks(self) -> int:
@@ -56,8 +62,9 @@ class ActorPools:
         self.version = version
         if self.store is not None:
             ray.get(self.store.put.remote([self.state_ref], version))
-        results = ray.get([s.set_weights.remote(self.state_ref, version) for s in self.samplers])
-        for i, (got_hash, got_probe) in enumerate(results):
+        results = [self._sync_one(i, version) for i in range(len(self.samplers))]
+        for i, (got_hash, got_probe, incarnation) in enumerate(results):
+            self.note({f"sampler/{i}": incarnation})
             if got_hash != want_hash:
                 raise WeightSyncError(f"sampler {i}: weights v{version} hash {got_hash[:12]} != learner's "
                                       f"{want_hash[:12]}")
@@ -66,6 +73,30 @@ class ActorPools:
                 raise WeightSyncError(f"sampler {i}: probe prediction differs from the learner's by {err:.3g} "
                                       f"at v{version}")
         return time.perf_counter() - t0
+
+    def _sync_one(self, i: int, version: int):
+        import ray
+
+        budget = max(self.cfg.cluster.samplers.max_restarts, 1)
+        for attempt in range(budget + 1):
+            try:
+                return ray.get(self.samplers[i].set_weights.remote(self.state_ref, version))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                if attempt == budget:
+                    raise
+                self.retries += 1
+                print(f"[learner] sampler {i} died at the weight sync of v{version} ({type(e).__name__}); "
+                      f"pushing the weights again once it is back ({attempt + 1}/{budget})", flush=True)
+                _wait_alive(self.samplers[i])
+
+    def note(self, actors: dict[str, str]) -> None:
+        """Record the incarnations actors reported; a changed one is a restart (counted, and said)."""
+        for name, inc in actors.items():
+            old = self.incarnations.get(name)
+            if old is not None and old != inc:
+                self.restarts += 1
+                print(f"[learner] {name.replace('/', ' ')} restarted (a new process); the run goes on", flush=True)
+            self.incarnations[name] = inc
 
     # ------------------------------------------------------------------ sampling and scoring
     def submit(self, works: Sequence[step.Work], version: int) -> Pending:
@@ -99,7 +130,7 @@ class ActorPools:
                         ray.exceptions.ActorUnavailableError) as e:
                     if attempt == tries or not _retryable(e):
                         raise
-                    self.restarts += 1
+                    self.retries += 1
                     time.sleep(1.0)
                     print(f"[learner {self.rank}] chunk {j} of iteration {p.iteration} failed ({type(e).__name__}); "
                           f"retrying ({attempt + 1}/{tries})", flush=True)

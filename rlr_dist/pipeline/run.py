@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 from rlr_dist.config import ConfigError, to_dict
@@ -15,8 +16,20 @@ from rlr_dist.train.config import TrainConfig, dump
 RUN_FILE = "run.json"
 
 
-def preflight(cfg: TrainConfig) -> None:
-    """Checks that need files, done before any Ray resource is taken (errors name the field)."""
+class ClusterError(ConfigError):
+    """The run asks for more than the Ray cluster has (or can get in time); the message says what is missing."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM ended the run; the MLflow run is marked KILLED and ``--resume`` continues it."""
+
+
+def preflight(cfg: TrainConfig, resume: bool = False) -> None:
+    """Every check that can be made before anything is written or any Ray resource is taken (errors name the
+    field): prompts, the model folder and its schedule against the estimator, every component's parameters
+    (already checked when the config was read), and that the outputs can be written — local folders, or an
+    ``s3://`` bucket that answers within seconds."""
+    from rlr_dist import storage
     from rlr_dist.models import ModelError, build_schedule, detect_layout, read_scheduler_config, resolve_model_folder
 
     cfg.data.load_prompts()
@@ -24,21 +37,41 @@ def preflight(cfg: TrainConfig) -> None:
         folder = resolve_model_folder(cfg.model.path)
         detect_layout(folder)
         schedule = build_schedule(read_scheduler_config(folder), cfg.model)
-    except ModelError as e:
+    except (ModelError, storage.StorageError) as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith("model.") else f"model.path: {msg}") from None
     cfg.check_schedule(schedule)
+    outputs = [("output_dir", cfg.output_dir), ("checkpoint.dir", cfg.checkpoint.dir)]
+    if cfg.export and storage.is_s3(cfg.export):
+        outputs.append(("export", cfg.export))
+    elif cfg.export:
+        outputs.append(("export", str(Path(cfg.export).parent)))
+    for field, where in outputs:
+        if where is None:
+            continue
+        try:
+            storage.check_writable(where, field)
+        except storage.StorageError as e:
+            raise ConfigError(str(e).replace(f"{field} {where}", f"{field}: {where}", 1)) from None
+    out = Path(cfg.output_dir)
+    if resume and not (out / RUN_FILE).is_file():
+        raise ConfigError(f"output_dir: --resume needs {out / RUN_FILE}, written by an earlier run")
     if cfg.train.eval_every and cfg.eval_reward is None:
         print("[rlr-dist] note: no eval_reward configured; evaluation reports the training reward only", flush=True)
 
 
-FORWARDED_ENV = ("OMP_NUM_THREADS", "HF_HUB_OFFLINE", "RLR_DIST_CACHE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI",
-                 "RLR_DIST_CRASH_SAMPLER")
+# What actors need from the driver's environment. Secrets are not in it: Ray writes runtime_env values to its
+# logs, so credentials reach actors through the environment the nodes start with (a local cluster started
+# by rlr-dist inherits the driver's; cloud nodes use instance roles / AWS_SHARED_CREDENTIALS_FILE).
+FORWARDED_ENV = ("OMP_NUM_THREADS", "HF_HUB_OFFLINE", "RLR_DIST_CACHE", "AWS_ENDPOINT_URL", "AWS_REGION",
+                 "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+                 "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION", "MLFLOW_TRACKING_URI",
+                 "RLR_DIST_CRASH", "RLR_DIST_CRASH_DIR")
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
 def _env() -> dict[str, str]:
-    """Environment the actors need from the driver's (S3 endpoint and keys are passed, never logged)."""
+    """Environment the actors need from the driver's (no credentials: see FORWARDED_ENV)."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env.setdefault("OMP_NUM_THREADS", "1")
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # progress lines once, not twice
@@ -63,17 +96,110 @@ def init_ray(cfg: TrainConfig) -> None:
              dashboard_host="127.0.0.1", runtime_env={"env_vars": _env()})
 
 
+def demand(cfg: TrainConfig) -> list[tuple[str, dict[str, float]]]:
+    """The resource bundles the run takes, one per actor and per learner (the learners' placement group)."""
+    c = cfg.cluster
+    out = []
+    for role, r in (("sampler", c.samplers), ("reward", c.rewards), ("learner", c.learners)):
+        need = {"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {}), **r.resources}
+        out += [(f"{role} {i}", need) for i in range(r.count)]
+    return out
+
+
+def _place(bundles: list[tuple[str, dict]], nodes: list[dict[str, float]]) -> list[str]:
+    """First-fit-decreasing placement of ``bundles`` on the nodes' resources; the bundles that do not fit."""
+    free = [dict(n) for n in nodes]
+    left = []
+    for name, need in sorted(bundles, key=lambda b: -sum(b[1].values())):
+        for node in free:
+            if all(node.get(k, 0.0) + 1e-9 >= v for k, v in need.items()):
+                for k, v in need.items():
+                    node[k] = node.get(k, 0.0) - v
+                break
+        else:
+            left.append(name)
+    return left
+
+
+def _shortfall(bundles, nodes) -> str:
+    total: dict[str, float] = {}
+    for _, need in bundles:
+        for k, v in need.items():
+            total[k] = total.get(k, 0.0) + v
+    have: dict[str, float] = {}
+    for n in nodes:
+        for k in total:
+            have[k] = have.get(k, 0.0) + n.get(k, 0.0)
+    return ", ".join(f"{k} {total[k]:g} needed, {have.get(k, 0):g} in the cluster" for k in sorted(total))
+
+
+def check_fits(cfg: TrainConfig) -> None:
+    """Before any actor is created: the run's bundles must fit the cluster's nodes. If they never can, fail
+    with one line saying what is missing — unless ``cluster.autoscale_timeout_s`` > 0, when the autoscaler is
+    asked for them and awaited (visibly, up to that long). If they fit but other work holds the resources,
+    wait up to ``cluster.wait_for_free_s``."""
+    import ray
+
+    bundles = demand(cfg)
+    c = cfg.cluster
+
+    def nodes(kind: str) -> list[dict]:
+        if kind == "total":
+            return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        from ray._private.state import available_resources_per_node
+
+        return list(available_resources_per_node().values())
+
+    t0, asked, last = time.time(), False, 0.0
+    while _place(bundles, nodes("total")):
+        missing = _place(bundles, nodes("total"))
+        if c.autoscale_timeout_s <= 0:
+            raise ClusterError(f"cluster: the run does not fit this Ray cluster ({_shortfall(bundles, nodes('total'))}; "
+                               f"{len(missing)} of {len(bundles)} actors/learners have no node: {', '.join(missing[:4])}). "
+                               "Lower cluster.*.count / num_cpus / num_gpus, add nodes, or for an autoscaling cluster "
+                               "set cluster.autoscale_timeout_s")
+        if not asked:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[b for _, b in bundles])
+            asked = True
+        if time.time() - t0 > c.autoscale_timeout_s:
+            raise ClusterError(f"cluster: the autoscaler did not provide the run's resources within "
+                               f"cluster.autoscale_timeout_s={c.autoscale_timeout_s:g} s ({_shortfall(bundles, nodes('total'))})")
+        if time.time() - last > 10:
+            print(f"[rlr-dist] waiting for the autoscaler ({time.time() - t0:.0f}/{c.autoscale_timeout_s:g} s): "
+                  f"{_shortfall(bundles, nodes('total'))}", flush=True)
+            last = time.time()
+        time.sleep(2)
+    if ray.get_runtime_context().get_placement_group_id() is not None:
+        return  # inside a Tune trial: the actors take the trial's own placement group, reserved already
+    t0 = time.time()
+    while _place(bundles, nodes("available")):
+        if time.time() - t0 > c.wait_for_free_s:
+            raise ClusterError(f"cluster: the run fits this cluster but its resources stayed taken by other work for "
+                               f"cluster.wait_for_free_s={c.wait_for_free_s:g} s ({_shortfall(bundles, nodes('available'))} free)")
+        if time.time() - last > 10:
+            print(f"[rlr-dist] waiting for resources other work holds ({time.time() - t0:.0f}/{c.wait_for_free_s:g} s)",
+                  flush=True)
+            last = time.time()
+        time.sleep(2)
+
+
 def _pool(cls, cfg_dict: dict, res, *args) -> list:
     import ray
 
     actor = ray.remote(cls)
-    return [actor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=res.max_restarts,
-                          max_task_retries=0, runtime_env={"env_vars": _env()}).remote(cfg_dict, i, *args)
+    return [actor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=res.resources or None,
+                          max_restarts=res.max_restarts, max_task_retries=0,
+                          runtime_env={"env_vars": _env()}).remote(cfg_dict, i, *args)
             for i in range(res.count)]
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Run (or, with ``resume``, continue) the training run ``cfg`` describes; returns final metrics."""
+    """Run (or, with ``resume``, continue) the training run ``cfg`` describes; returns final metrics.
+
+    Relative paths in ``cfg`` are resolved against the current directory first (actors run elsewhere).
+    Ctrl-C (or SIGTERM) raises :class:`Interrupted` after marking the MLflow run KILLED."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -83,13 +209,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     from rlr_dist.pipeline.tracking import Tracker, flatten, headline, start_run, tracking_uri
     from rlr_dist.pipeline.workers import RewardWorker, SamplerWorker, WeightStore
 
-    preflight(cfg)
-    out = Path(cfg.output_dir).resolve()
+    cfg = cfg.resolved(Path.cwd())
+    preflight(cfg, resume)
+    out = Path(cfg.output_dir)
     run_file = out / RUN_FILE
     uri = tracking_uri(cfg.tracking.uri, out)
     if resume:
-        if not run_file.is_file():
-            raise ConfigError(f"output_dir: --resume needs {run_file}, written by an earlier run")
         run = json.loads(run_file.read_text())
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +230,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         ckpt_root = str(Path(ckpt_root).resolve())
 
     init_ray(cfg)
+    check_fits(cfg)
     cfg_dict = to_dict(cfg)
     t0 = time.perf_counter()
     store = ray.remote(WeightStore).options(num_cpus=0, max_restarts=-1).remote()
@@ -112,11 +238,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     rewards = _pool(RewardWorker, cfg_dict, cfg.cluster.rewards)
     ray.get([a.get_version.remote() for a in samplers] + [r.__ray_ready__.remote() for r in rewards])
     L = cfg.cluster.learners
-    resources = {"CPU": L.num_cpus, **({"GPU": L.num_gpus} if L.num_gpus else {})}
+    resources = {"CPU": L.num_cpus, **({"GPU": L.num_gpus} if L.num_gpus else {}), **L.resources}
     trainer = TorchTrainer(
         learner_loop,
         train_loop_config={"cfg": cfg_dict, "samplers": samplers, "rewards": rewards, "store": store, "run_id": run["run_id"],
-                           "tracking_uri": run["tracking_uri"], "output_dir": str(out)},
+                           "tracking_uri": run["tracking_uri"], "output_dir": str(out), "attempt": uuid.uuid4().hex},
         scaling_config=ScalingConfig(num_workers=L.count, use_gpu=L.num_gpus > 0, resources_per_worker=resources),
         run_config=RunConfig(name=run["name"], storage_path=ckpt_root,
                              failure_config=FailureConfig(max_failures=L.max_restarts),
@@ -125,6 +251,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     tracker = Tracker(run["tracking_uri"], run["run_id"])
     try:
         result = trainer.fit()
+    except KeyboardInterrupt:
+        tracker.close("KILLED")
+        raise Interrupted(f"interrupted; the MLflow run {run['run_id']} is marked KILLED") from None
     except Exception:
         tracker.close("FAILED")
         raise
@@ -144,7 +273,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             before[key] = pts[0].value
     return {"metrics": metrics, "before": before, "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "run_id": run["run_id"], "tracking_uri": run["tracking_uri"], "seconds": time.perf_counter() - t0,
-            "output_dir": str(out)}
+            "output_dir": str(out), "export": cfg.export}
 
 
 def _reward_curve(tracker, out: Path) -> Path | None:

@@ -116,12 +116,20 @@ def run_link(ui: str, uri: str, run_id: str) -> str:
 
 
 class Tracker:
-    """Logs to one existing run (used by learner rank 0 and the driver)."""
+    """Logs to one existing run (used by learner rank 0 and the driver).
 
-    def __init__(self, uri: str, run_id: str):
+    ``once``: one point per (metric, step) however often the learners restart or the run resumes — the
+    points the run already holds are read at start and never logged again (MLflow cannot overwrite a point;
+    the first one stands, and after a restart from a checkpoint the iterations are redone identically)."""
+
+    def __init__(self, uri: str, run_id: str, once: bool = False):
         from mlflow.tracking import MlflowClient
 
         self.client, self.run_id = MlflowClient(uri), run_id
+        self.logged: set[tuple[str, int]] | None = None
+        if once:
+            self.logged = {(key, m.step) for key in self.client.get_run(run_id).data.metrics
+                           for m in self.client.get_metric_history(run_id, key)}
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         import math
@@ -132,6 +140,9 @@ class Tracker:
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, step) for k, v in values.items()
               if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        if self.logged is not None:
+            ms = [m for m in ms if (m.key, step) not in self.logged]
+            self.logged |= {(m.key, step) for m in ms}
         for i in range(0, len(ms), 500):
             self.client.log_batch(self.run_id, metrics=ms[i:i + 500])
 

@@ -7,6 +7,7 @@ and scores them. Both only wrap :mod:`rlr_dist.train.step`.
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Sequence
 
 import torch
@@ -43,16 +44,20 @@ def probe_output(model, prompt: str) -> Tensor:
         return chain.mean(x, chain.schedule.T, cond).float().cpu()
 
 
-def _maybe_crash(index: int, iteration: int) -> None:
-    """Fault injection for tests: ``RLR_DIST_CRASH_SAMPLER=INDEX:ITERATION:MARKER`` kills sampler INDEX
-    (the whole process, as a lost node would) at ITERATION, once (the marker file records it)."""
-    spec = os.environ.get("RLR_DIST_CRASH_SAMPLER")
-    if not spec:
+def maybe_crash(role: str, index: int, iteration: int, phase: str) -> None:
+    """Fault injection (tests, ``rlr-dist bench faults``): ``RLR_DIST_CRASH=ROLE:INDEX:ITERATION:PHASE[,...]``
+    kills actor ROLE (``sampler`` / ``reward``) number INDEX — the whole process, as a lost node would — when
+    it reaches PHASE (``sample``, ``sync``, ``score``) of ITERATION, once: a marker file in
+    ``$RLR_DIST_CRASH_DIR`` records that it happened."""
+    spec, folder = os.environ.get("RLR_DIST_CRASH"), os.environ.get("RLR_DIST_CRASH_DIR")
+    if not spec or not folder:
         return
-    i, it, marker = spec.split(":", 2)
-    if int(i) == index and int(it) == iteration and not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(1)
+    me = f"{role}:{index}:{iteration}:{phase}"
+    if me in spec.split(","):
+        marker = os.path.join(folder, me.replace(":", "_"))
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
 
 
 class WeightStore:
@@ -72,6 +77,7 @@ class WeightStore:
 class SamplerWorker:
     def __init__(self, cfg: dict, index: int = 0, store=None):
         _threads()
+        self.incarnation = uuid.uuid4().hex[:12]  # new after every (re)start: how a restart is noticed
         self.store = store
         self.cfg = build(TrainConfig, cfg)
         self.index = index
@@ -79,23 +85,27 @@ class SamplerWorker:
         self.version = 0
         self.probe_prompt = self.cfg.data.load_prompts()[0]
 
-    def set_weights(self, state: dict, version: int) -> tuple[str, Tensor]:
+    def set_weights(self, state: dict, version: int, crash_point: bool = True) -> tuple[str, Tensor, str]:
         """Load the learner's trained state; returns the hash of what is now loaded (read back from the
-        model) and the probe prediction, for the learner to verify."""
+        model), the probe prediction (for the learner to verify) and this process's incarnation."""
         from rlr_dist.pipeline.engine import state_hash
 
+        if crash_point:
+            maybe_crash("sampler", self.index, version, "sync")
         self.model.load_trained_state(state)
         self.version = version
-        return state_hash(self.model.trained_state()), probe_output(self.model, self.probe_prompt)
+        return state_hash(self.model.trained_state()), probe_output(self.model, self.probe_prompt), self.incarnation
 
     def get_version(self) -> int:
         return self.version
 
     def sample(self, work: step.Work, version: int) -> step.Chunk:
-        _maybe_crash(self.index, work.iteration)
+        maybe_crash("sampler", self.index, work.iteration, "sample")
         if version != self.version:
             self._pull(version)
-        return step.rollout(self.model, work, self.version)  # with the reference: the KL is logged every iteration
+        chunk = step.rollout(self.model, work, self.version)  # with the reference: the KL is logged every iteration
+        chunk.actors[f"sampler/{self.index}"] = self.incarnation
+        return chunk
 
     def _pull(self, version: int) -> None:
         """Load the latest weights from the store (after a restart). If the store has moved past ``version``
@@ -107,7 +117,7 @@ class SamplerWorker:
         boxed, have = ray.get(self.store.get.remote())
         if have < version or boxed[0] is None:
             raise StaleWeights(f"sampler {self.index}: v{version} asked for, the weight store holds v{have}")
-        self.set_weights(ray.get(boxed[0]), have)
+        self.set_weights(ray.get(boxed[0]), have, crash_point=False)
 
     def draw(self, prompts: Sequence[str], seed: int) -> Tensor:
         """Only ``x_0`` of fresh samples (for evaluation and pictures)."""
@@ -117,6 +127,8 @@ class SamplerWorker:
 class RewardWorker:
     def __init__(self, cfg: dict, index: int = 0):
         _threads()
+        self.index = index
+        self.incarnation = uuid.uuid4().hex[:12]
         self.cfg = build(TrainConfig, cfg)
         self.device = _device(self.cfg.cluster.rewards.num_gpus)
         decoder = load_decoder(self.cfg.model, self.device)
@@ -129,7 +141,10 @@ class RewardWorker:
         self.decoder = decoder
 
     def score(self, chunk: step.Chunk, need_grad: bool) -> step.Chunk:
-        return step.score(self.scorer, chunk, need_grad, self.device)
+        maybe_crash("reward", self.index, chunk.traj.meta.get("iteration", -1), "score")
+        chunk = step.score(self.scorer, chunk, need_grad, self.device)
+        chunk.actors[f"reward/{self.index}"] = self.incarnation
+        return chunk
 
     def score_and_summarise(self, chunk: step.Chunk, need_grad: bool) -> tuple[step.Chunk, dict]:
         """The scored chunk and a small summary of it (rewards, prompt ids, per-sample KL)."""

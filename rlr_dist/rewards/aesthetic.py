@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlr_dist import storage
+from rlr_dist.config import PathArg
 from rlr_dist.registry import check_param
 from rlr_dist.rewards.base import REWARDS, Reward, RewardError
 
@@ -90,7 +91,7 @@ class AestheticScore(Reward):
     differentiable = True
     modality = "image"
 
-    def __init__(self, clip: str, head: str, antialias: bool = True):
+    def __init__(self, clip: PathArg, head: PathArg, antialias: bool = True):
         super().__init__()
         from transformers import CLIPVisionModelWithProjection
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rlr_dist.config import PathArg
 from rlr_dist.registry import check_param
 from rlr_dist.rewards.base import REWARDS, Reward, RewardError
 
@@ -74,13 +75,13 @@ class DigitLogProb(Reward):
     modality = "image"
     default_asset = "classifier"
 
-    def __init__(self, target: int = 3, path: str | None = None):
+    def __init__(self, target: int = 3, path: PathArg | None = None):
         super().__init__()
         self.target = _check_target(target)
         self.classifier = _load(path, self.default_asset)
 
     @classmethod
-    def check_params(cls, target: int = 3, path: str | None = None) -> None:
+    def check_params(cls, target: int = 3, path: PathArg | None = None) -> None:
         _check_target(target)
 
     @classmethod

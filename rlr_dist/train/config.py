@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rlr_dist.config import Component, ConfigError, apply_overrides, build, check, load_yaml, to_dict
+from rlr_dist.config import Component, ConfigError, apply_overrides, build, check, load_yaml, resolve_path, to_dict
 from rlr_dist.models.config import ModelConfig
 from rlr_dist.rewards.config import RewardSpec
 
@@ -98,24 +98,34 @@ class LoopConfig:
 
 @dataclass
 class RoleResources:
+    """One role's actors: how many, what each takes (``resources``: custom Ray resources, e.g. a node type's
+    label ``{sampler_node: 1}``), and how often Ray restarts one that dies."""
+
     count: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     max_restarts: int = 2
+    resources: dict[str, float] = field(default_factory=dict)
 
     def check(self, role: str) -> None:
         check(self.count >= 1, f"cluster.{role}.count", f"must be >= 1, got {self.count}")
         check(self.num_cpus >= 0, f"cluster.{role}.num_cpus", f"must be >= 0, got {self.num_cpus}")
         check(self.num_gpus >= 0, f"cluster.{role}.num_gpus", f"must be >= 0, got {self.num_gpus}")
+        for k, v in self.resources.items():
+            check(v >= 0, f"cluster.{role}.resources.{k}", f"must be >= 0, got {v}")
 
 
 @dataclass
 class ClusterConfig:
     """Ray placement. ``address``: ``None`` starts a local cluster, ``auto`` joins the one this machine
-    belongs to (``ray job submit`` sets it), or ``ray://host:port``."""
+    belongs to (``ray job submit`` sets it), or ``ray://host:port``. Before any actor is created the run's
+    bundles are checked against the cluster's nodes: a run that cannot fit fails at once naming what is
+    missing, unless ``autoscale_timeout_s`` > 0 (an autoscaling cluster: the autoscaler is asked, and awaited)."""
 
     address: str | None = None
     num_cpus: int | None = None
+    autoscale_timeout_s: float = 0.0   # > 0: a run that does not fit asks the autoscaler and waits this long
+    wait_for_free_s: float = 120.0     # a run that fits but finds its resources taken waits this long
     samplers: RoleResources = field(default_factory=lambda: RoleResources(count=2))
     rewards: RoleResources = field(default_factory=RoleResources)
     learners: RoleResources = field(default_factory=lambda: RoleResources(count=2))
@@ -123,6 +133,8 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         for role in ("samplers", "rewards", "learners"):
             getattr(self, role).check(role)
+        check(self.autoscale_timeout_s >= 0, "cluster.autoscale_timeout_s", f"must be >= 0, got {self.autoscale_timeout_s}")
+        check(self.wait_for_free_s >= 0, "cluster.wait_for_free_s", f"must be >= 0, got {self.wait_for_free_s}")
 
 
 @dataclass
@@ -151,11 +163,14 @@ class TrackingConfig:
 
 @dataclass
 class CheckpointConfig:
-    """``dir``: local path or ``s3://bucket/prefix`` (default ``<output_dir>/checkpoints``)."""
+    """``dir``: local path or ``s3://bucket/prefix`` (default ``<output_dir>/checkpoints``). ``on_corrupt``: a
+    checkpoint whose files do not match its manifest is never loaded; ``fallback`` resumes from the newest
+    older one of the run that verifies (saying which), ``fail`` stops."""
 
     dir: str | None = None
     every: int = 10
     keep: int = 2
+    on_corrupt: Literal["fallback", "fail"] = "fallback"
 
     def __post_init__(self) -> None:
         check(self.every >= 0, "checkpoint.every", f"must be >= 0 (0 = only at the end), got {self.every}")
@@ -188,6 +203,27 @@ class TrainConfig:
         check(not est.needs_reward_grad or self.reward.differentiable(), "reward.name",
               f"{self.reward.name!r} is not differentiable, but estimator {self.estimator.name!r} needs "
               "∂R/∂x_0 (use a black-box estimator, e.g. lr, or rlr with fo: false)")
+
+    def resolved(self, base: str | Path) -> "TrainConfig":
+        """A copy with every relative local path made absolute against ``base`` (the directory the run is
+        started from): outputs (``output_dir``, ``export``, ``checkpoint.dir``) always, inputs
+        (``model.path``, ``data.prompt_file``, a sqlite ``tracking.uri``, reward parameters that are paths)
+        when they exist there. Actors and Ray Train workers run in other directories and see these."""
+        import copy
+
+        base = Path(base).resolve()
+        c = copy.deepcopy(self)
+        c.output_dir = resolve_path(c.output_dir, base, output=True)
+        c.export = resolve_path(c.export, base, output=True)
+        c.checkpoint.dir = resolve_path(c.checkpoint.dir, base, output=True)
+        c.model.path = resolve_path(c.model.path, base)
+        c.data.prompt_file = resolve_path(c.data.prompt_file, base)
+        uri = c.tracking.uri
+        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            c.tracking.uri = "sqlite:///" + resolve_path(uri[len("sqlite:///"):], base, output=True)
+        c.reward = c.reward.resolved(base)
+        c.eval_reward = None if c.eval_reward is None else c.eval_reward.resolved(base)
+        return c
 
     def check_schedule(self, schedule) -> None:
         """The estimator's demands on the sampler's chain (e.g. σ_k > 0 for likelihood-ratio steps),

@@ -46,6 +46,7 @@ class Chunk:
     reward: Tensor | None = None
     reward_grad: Tensor | None = None
     stats: dict = field(default_factory=dict)
+    actors: dict = field(default_factory=dict)  # "sampler/0" -> incarnation of the actor that made it (Ray)
 
 
 def iteration_work(prompts: Sequence[str], iteration: int, seed: int, prompts_per_iteration: int,
@@ -87,6 +88,7 @@ def rollout(model: DiffusionModel, work: Work, version: int, with_reference: boo
     ids = torch.tensor(list(work.prompt_ids), dtype=torch.long)
     traj = sample(model.chain(), x_T, work.plan, cond, gen, with_reference=with_reference, prompt_ids=ids,
                   seed=work.seed)
+    traj.meta["iteration"] = work.iteration
     return Chunk(traj=traj.to("cpu"), prompts=list(work.prompts), version=version,
                  stats={"time/sample": time.perf_counter() - t0})
 
@@ -121,7 +123,8 @@ def summarise(chunk: Chunk) -> dict:
     """The small part of a scored chunk every learner needs: rewards, prompt ids, per-sample sampled KL
     (``Σ_k δ_k / 2``) and the chunk's stats (timings, dropped samples)."""
     kl = None if chunk.traj.delta is None else chunk.traj.delta.double().sum(1) / 2
-    return {"reward": chunk.reward, "prompt_ids": chunk.traj.prompt_ids, "kl": kl, "stats": dict(chunk.stats)}
+    return {"reward": chunk.reward, "prompt_ids": chunk.traj.prompt_ids, "kl": kl, "stats": dict(chunk.stats),
+            "actors": dict(chunk.actors)}
 
 
 def learn(model: DiffusionModel, estimator: Estimator, regulariser: Regulariser, advantages: Advantages,
