@@ -33,6 +33,13 @@ def _bench_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_faults(args: argparse.Namespace) -> int:
+    from rlr_dist.bench.faults import main
+
+    print(main(args.config, None if args.out == "-" else args.out, args.workdir))
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from rlr_dist.toy_world.pretrain import main
 
@@ -338,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--reuse", action="store_true", help="take the training runs from the report's earlier .json "
                     "(re-run only the gradient draws and the report)")
     bs.set_defaults(func=_bench_study)
+    bf = bsub.add_parser("faults", help="faults injected into a real Ray run and bad inputs: what happened, recovery time")
+    bf.add_argument("--config", default="jobs/configs/digits.yaml", help="training config (default: the demo's, made small)")
+    bf.add_argument("--workdir", default=None, help="folder for the runs (default: a new temporary folder)")
+    bf.add_argument("--out", default="docs/results/faults.md", help="report path, '-' for none")
+    bf.set_defaults(func=_bench_faults)
     _add_pretrain(sub)
     _add_run_commands(sub)
     _add_plan(sub, bsub)

@@ -21,6 +21,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+S3_SECRET = "rlr-test-secret-5f0c2e"  # distinctive, so a test can look for it in every log
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real HTTP S3 endpoint (moto's server) on 127.0.0.1 with a bucket ``rlr-test``; sets the AWS_* env."""
@@ -30,7 +33,7 @@ def s3_server(tmp_path_factory):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
            "RLR_DIST_CACHE": str(tmp_path_factory.mktemp("rlr-cache"))}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

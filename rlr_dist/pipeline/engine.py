@@ -127,42 +127,40 @@ def load(engine, folder: Path) -> dict:
     return json.loads((folder / STATE_FILE).read_text())
 
 
-def restore(engine, checkpoint, fallback: bool = True, say=print) -> tuple[dict, str]:
-    """Load ``checkpoint`` (a Ray Train checkpoint); if it is damaged and ``fallback``, the newest older
-    checkpoint of the same run that verifies, saying which. Returns ``(loop state, checkpoint name)``."""
+def restore(engine, candidates: list, fallback: bool = True, say=print) -> tuple[dict, str]:
+    """Load the newest of ``candidates`` (Ray Train checkpoints, newest first); a damaged one is refused
+    and, with ``fallback``, the next one tried, saying which was used. Returns ``(loop state, its name)``."""
+    failures = []
+    for ckpt in candidates:
+        name = Path(ckpt.path).name
+        try:
+            with ckpt.as_directory() as d:
+                state = load(engine, Path(d))
+        except storage.StorageError as e:
+            failures.append(str(e))
+            if not fallback:
+                raise
+            say(f"[learner] {e}: not loaded")
+            continue
+        if failures:
+            say(f"[learner] resuming from the newest checkpoint that verifies: {name} (iteration {state['iteration']})")
+        return state, name
+    raise storage.StorageError("; ".join(failures) + " — and no older checkpoint of this run verifies; start afresh "
+                               "without --resume, or repair the folder")
+
+
+def stored_checkpoints(root: str) -> list:
+    """The checkpoints a run has persisted under ``root`` (``<checkpoint.dir>/<run name>``, local or ``s3://``),
+    newest first. Read from storage rather than from Ray Train's registry, which misses a checkpoint whose
+    report the controller had not yet collected when the learner died."""
+    import pyarrow.fs as pafs
     import ray.train
 
-    def attempt(ckpt) -> dict:
-        with ckpt.as_directory() as d:
-            return load(engine, Path(d))
-
+    fs, path = pafs.FileSystem.from_uri(root if storage.is_s3(root) else Path(root).resolve().as_uri())
     try:
-        return attempt(checkpoint), Path(checkpoint.path).name
-    except storage.StorageError as e:
-        if not fallback:
-            raise
-        first = str(e)
-    for path in older_checkpoints(checkpoint):
-        try:
-            state = attempt(ray.train.Checkpoint(path=path, filesystem=checkpoint.filesystem))
-        except storage.StorageError as e:
-            say(f"[learner] checkpoint {Path(path).name} is damaged too: {e}")
-            continue
-        say(f"[learner] the latest checkpoint is damaged ({first}); resuming from the newest one that verifies, "
-            f"{Path(path).name} (iteration {state['iteration']})")
-        return state, Path(path).name
-    raise storage.StorageError(f"{first}; and no older checkpoint of this run verifies (checkpoint.on_corrupt: "
-                               "fallback found none) — start afresh without --resume, or repair the folder")
-
-
-def older_checkpoints(checkpoint) -> list[str]:
-    """Paths of the checkpoints of the same run older than ``checkpoint``, newest first (Ray Train names them
-    ``checkpoint_<timestamp>``, so names sort by time), on whatever filesystem it lives (local, S3)."""
-    import pyarrow.fs as pafs
-
-    fs, here = checkpoint.filesystem, checkpoint.path.rstrip("/")
-    parent, name = here.rsplit("/", 1)
-    infos = fs.get_file_info(pafs.FileSelector(parent))
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return []
     names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
-    return [f"{parent}/{n}" for n in names]
+                    and i.base_name.startswith("checkpoint_")), reverse=True)
+    return [ray.train.Checkpoint(path=f"{path.rstrip('/')}/{n}", filesystem=fs) for n in names]

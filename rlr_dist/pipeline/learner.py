@@ -17,6 +17,7 @@ samples of θ_i, a bias of order lr, not corrected — see docs/pipeline.md).
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ def learner_loop(config: dict) -> None:
     from rlr_dist.pipeline import engine as ds
     from rlr_dist.pipeline.pools import ActorPools
     from rlr_dist.pipeline.tracking import Tracker
-    from rlr_dist.pipeline.workers import _device, _threads, probe_output
+    from rlr_dist.pipeline.workers import _device, _threads, maybe_crash, probe_output
     from rlr_dist.train import step
     from rlr_dist.train.learner import Learner
 
@@ -56,11 +57,12 @@ def learner_loop(config: dict) -> None:
     model = load_model(cfg.model, _device(cfg.cluster.learners.num_gpus))
     engine = ds.make_engine(cfg, model)
     core = Learner(cfg, model.schedule())
-    start, elapsed_before = 0, 0.0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        state, _ = ds.restore(engine, ckpt, cfg.checkpoint.on_corrupt == "fallback",
-                              say=print if rank == 0 else (lambda msg: None))
+    start, elapsed_before, restored = 0, 0.0, "-"
+    os.environ.update(config.get("env", {}))  # fault injection for tests / bench faults (RLR_DIST_CRASH)
+    stored = ds.stored_checkpoints(config["checkpoints"])
+    if stored:
+        state, restored = ds.restore(engine, stored, cfg.checkpoint.on_corrupt == "fallback",
+                                     say=print if rank == 0 else (lambda msg: None))
         start, elapsed_before = state["iteration"], state.get("elapsed", 0.0)
         core.load_state_dict(state["learner"] if "learner" in state else  # a checkpoint of rlr-dist <= 0.1
                              {"advantages": state["advantages"], "estimator": {"step_norm": state.get("step_norm", {})}})
@@ -91,7 +93,7 @@ def learner_loop(config: dict) -> None:
         dist.all_gather_object(parts, obj)
         return parts
 
-    learner_starts = _count_start(out_dir, config.get("attempt", ""), start) if rank == 0 else 1
+    learner_starts = _count_start(out_dir, config.get("attempt", ""), start, restored) if rank == 0 else 1
     sync_s = push_weights(start)
     if rank == 0 and start == 0 and cfg.train.eval_every:  # the baseline every later number is compared with
         ev, grid = pools.evaluate(0, out_dir)
@@ -116,10 +118,11 @@ def learner_loop(config: dict) -> None:
         engine.step()
         gnorm = engine.get_global_grad_norm() if gnorm is None else gnorm  # ZeRO: DeepSpeed's (pre-clip) norm
         metrics = core.finish(it, every, summed, gnorm)
-        if rank == 0:
-            for sm in every:
-                pools.note(sm.get("actors", {}))
         retries = sum(gather(pools.retries))
+        pools.retries = 0
+        if rank == 0:
+            seen = {k: v for sm in every for k, v in sm.get("actors", {}).items()}
+            restarts, retries_total = pools.note(seen, retries)
         sync_s = push_weights(it + 1)
         if not cfg.train.overlap and it + 1 < T:
             pending = pools.submit(core.works(it + 1, pools.chunks), it + 1)
@@ -127,8 +130,8 @@ def learner_loop(config: dict) -> None:
             metrics.update({"time/wait_samples": t_wait, "time/sync": sync_s,
                             "time/iteration": time.perf_counter() - t_it,
                             "samples_per_s": metrics["samples"] / (time.perf_counter() - t_it),
-                            "weights_version": it + 1, "restarts/actors": pools.restarts,
-                            "restarts/calls_rerun": retries, "restarts/learners": learner_starts - 1})
+                            "weights_version": it + 1, "restarts/actors": restarts,
+                            "restarts/calls_rerun": retries_total, "restarts/learners": learner_starts - 1})
             for phase, n in (("sample", len(pools.samplers)), ("score", len(pools.rewards))):  # busy s per actor
                 metrics[f"time/{phase}"] = sum(s["stats"].get(f"time/{phase}", 0.0) for s in every) / n
             if cfg.train.eval_every and ((it + 1) % cfg.train.eval_every == 0 or it + 1 == T):
@@ -138,6 +141,7 @@ def learner_loop(config: dict) -> None:
             tracker.metrics(metrics, it + 1)
             _progress(it + 1, start, T, metrics, time.perf_counter() - t_loop)
         _checkpoint(cfg, engine, it, T, rank, core, elapsed_before + time.perf_counter() - t_loop, metrics)
+        maybe_crash("learner", rank, it + 1, "step")  # fault injection: a learner lost after iteration it + 1
 
     if cfg.export and start < T:
         with ds.gathered(engine, model):
@@ -149,12 +153,13 @@ def learner_loop(config: dict) -> None:
 STARTS_FILE = "learner_starts.log"
 
 
-def _count_start(out_dir: Path, attempt: str, start: int) -> int:
+def _count_start(out_dir: Path, attempt: str, start: int, restored: str) -> int:
     """Record that the learner group (re)started for the driver's ``attempt`` (one ``rlr-dist train`` call)
-    at iteration ``start``; returns how many times it has started in this attempt (1: never restarted)."""
+    at iteration ``start`` from checkpoint ``restored`` (``-``: none) — the run's lineage; returns how many
+    times it has started in this attempt (1: never restarted)."""
     path = out_dir / STARTS_FILE
     with path.open("a") as f:
-        f.write(f"{attempt} {start} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        f.write(f"{attempt} {start} {restored} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
     n = sum(1 for line in path.read_text().splitlines() if line.split(" ", 1)[0] == attempt)
     if n > 1:
         print(f"[learner] the learner group restarted ({n - 1} time(s) in this run); continuing at iteration {start}",

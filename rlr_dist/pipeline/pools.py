@@ -89,14 +89,21 @@ class ActorPools:
                       f"pushing the weights again once it is back ({attempt + 1}/{budget})", flush=True)
                 _wait_alive(self.samplers[i])
 
-    def note(self, actors: dict[str, str]) -> None:
-        """Record the incarnations actors reported; a changed one is a restart (counted, and said)."""
-        for name, inc in actors.items():
-            old = self.incarnations.get(name)
-            if old is not None and old != inc:
-                self.restarts += 1
-                print(f"[learner] {name.replace('/', ' ')} restarted (a new process); the run goes on", flush=True)
-            self.incarnations[name] = inc
+    def note(self, actors: dict[str, str], retries: int = 0) -> tuple[int, int]:
+        """Record the incarnations actors reported (a changed one is a restart: counted, and said) and calls
+        re-run; the totals of the run so far (kept by the weight store, so they outlive a learner restart)."""
+        import ray
+
+        if self.store is not None:
+            new, self.restarts, total_retries = ray.get(self.store.note.remote(actors, retries))
+        else:
+            new = [n for n, inc in actors.items() if self.incarnations.get(n, inc) != inc]
+            self.incarnations.update(actors)
+            self.restarts += len(new)
+            total_retries = retries
+        for name in new:
+            print(f"[learner] {name.replace('/', ' ')} restarted (a new process); the run goes on", flush=True)
+        return self.restarts, total_retries
 
     # ------------------------------------------------------------------ sampling and scoring
     def submit(self, works: Sequence[step.Work], version: int) -> Pending:
@@ -133,8 +140,10 @@ class ActorPools:
                     self.retries += 1
                     time.sleep(1.0)
                     print(f"[learner {self.rank}] chunk {j} of iteration {p.iteration} failed ({type(e).__name__}); "
-                          f"retrying ({attempt + 1}/{tries})", flush=True)
+                          f"redoing it with the same work once its actors are back ({attempt + 1}/{tries})", flush=True)
                     _wait_alive(self.samplers[j % len(self.samplers)])  # restarted: it pulls weights itself
+                    if self.rewards:
+                        _wait_alive(self.rewards[j % len(self.rewards)], "__ray_ready__")
                     self._submit_one(p, j, work, version)
         return chunks, summaries
 
@@ -164,14 +173,14 @@ def _retryable(e: Exception) -> bool:
     return True
 
 
-def _wait_alive(actor, timeout: float = 180.0) -> int:
-    """Block until ``actor`` answers again (after a restart); returns its weight version."""
+def _wait_alive(actor, method: str = "get_version", timeout: float = 180.0):
+    """Block until ``actor`` answers ``method`` again (after a restart)."""
     import ray
 
     t0 = time.time()
     while True:
         try:
-            return ray.get(actor.get_version.remote(), timeout=30)
+            return ray.get(getattr(actor, method).remote(), timeout=30)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
             if time.time() - t0 > timeout:
                 raise

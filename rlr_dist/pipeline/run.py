@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -242,15 +243,31 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     trainer = TorchTrainer(
         learner_loop,
         train_loop_config={"cfg": cfg_dict, "samplers": samplers, "rewards": rewards, "store": store, "run_id": run["run_id"],
-                           "tracking_uri": run["tracking_uri"], "output_dir": str(out), "attempt": uuid.uuid4().hex},
+                           "tracking_uri": run["tracking_uri"], "output_dir": str(out), "attempt": uuid.uuid4().hex,
+                           "checkpoints": f"{ckpt_root.rstrip('/')}/{run['name']}",
+                           "env": {k: os.environ[k] for k in ("RLR_DIST_CRASH", "RLR_DIST_CRASH_DIR") if k in os.environ}},
         scaling_config=ScalingConfig(num_workers=L.count, use_gpu=L.num_gpus > 0, resources_per_worker=resources),
         run_config=RunConfig(name=run["name"], storage_path=ckpt_root,
                              failure_config=FailureConfig(max_failures=L.max_restarts),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
     )
     tracker = Tracker(run["tracking_uri"], run["run_id"])
+    box: dict = {}
+
+    def fit() -> None:  # off the main thread, so Ctrl-C reaches this driver (Ray Train would swallow it)
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the driver's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     try:
-        result = trainer.fit()
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.5)
+        if "error" in box:
+            raise box["error"]
+        result = box["result"]
     except KeyboardInterrupt:
         tracker.close("KILLED")
         raise Interrupted(f"interrupted; the MLflow run {run['run_id']} is marked KILLED") from None

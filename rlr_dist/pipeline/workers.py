@@ -62,10 +62,21 @@ def maybe_crash(role: str, index: int, iteration: int, phase: str) -> None:
 
 class WeightStore:
     """The latest trained state (held by reference) and its version. Samplers that restart, or miss a
-    sync, pull from here instead of asking a particular learner."""
+    sync, pull from here instead of asking a particular learner. It also keeps the run's fault record —
+    the actors' incarnations and the restarts and re-run calls seen — which outlives a learner restart."""
 
     def __init__(self):
         self.ref, self.version = None, -1
+        self.incarnations: dict[str, str] = {}
+        self.restarts, self.retries = 0, 0
+
+    def note(self, actors: dict[str, str], retries: int = 0) -> tuple[list[str], int, int]:
+        """Record incarnations seen and calls re-run; returns the actors seen restarted now and the totals."""
+        new = [name for name, inc in actors.items() if self.incarnations.get(name, inc) != inc]
+        self.incarnations.update(actors)
+        self.restarts += len(new)
+        self.retries += retries
+        return new, self.restarts, self.retries
 
     def put(self, boxed_ref: list, version: int) -> None:
         self.ref, self.version = boxed_ref[0], version  # boxed: Ray passes the ref, not the tensors
