@@ -194,6 +194,10 @@ class Component:
     def to_dict(self) -> dict:
         return {"name": self.name, **self.params, **self.options}
 
+    def path_params(self) -> list[tuple[str, str]]:
+        """``(dotted field, value)`` of every :class:`PathArg` parameter, nested components' included."""
+        return _path_params(self.registry(), self.name, self.params, self.where)
+
     def resolved(self, base: Path) -> "Component":
         """A copy whose :class:`PathArg` parameters are resolved against ``base`` (those of nested components
         too: a parameter that is a ``{name: ...}`` mapping or a list of them)."""
@@ -207,15 +211,37 @@ class Component:
         return f"{type(self).__name__}({self.to_dict()!r})"
 
 
-def _resolve_params(registry, name: str, params: dict, base: Path) -> dict:
+def _is_path(tp) -> bool:
+    return tp is PathArg or PathArg in typing.get_args(tp)
+
+
+def _hints(registry, name: str) -> dict:
     try:
-        hints = typing.get_type_hints(registry.get(name).__init__)
+        return typing.get_type_hints(registry.get(name).__init__)
     except Exception:  # noqa: BLE001 - unresolvable annotations: nothing is known to be a path
-        hints = {}
+        return {}
+
+
+def _path_params(registry, name: str, params: dict, where: str) -> list[tuple[str, str]]:
+    hints, out = _hints(registry, name), []
+    for key, value in params.items():
+        field = f"{where}.{key}" if where else key
+        if isinstance(value, str) and _is_path(hints.get(key)):
+            out.append((field, value))
+        elif isinstance(value, dict) and isinstance(value.get("name"), str):
+            out += _path_params(registry, value["name"], value, field)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                if isinstance(v, dict) and isinstance(v.get("name"), str):
+                    out += _path_params(registry, v["name"], v, f"{field}[{i}]")
+    return out
+
+
+def _resolve_params(registry, name: str, params: dict, base: Path) -> dict:
+    hints = _hints(registry, name)
 
     def walk(key: str, value: Any) -> Any:
-        tp = hints.get(key)
-        if isinstance(value, str) and (tp is PathArg or PathArg in typing.get_args(tp)):
+        if isinstance(value, str) and _is_path(hints.get(key)):
             return resolve_path(value, base)
         if isinstance(value, dict) and isinstance(value.get("name"), str):
             return {**value, **_resolve_params(registry, value["name"], value, base)}

@@ -266,25 +266,37 @@ def put(local: str | Path, uri: str | os.PathLike) -> None:
                                                 ignore=shutil.ignore_patterns(MANIFEST)))
 
 
+def _bucket_answers(uri: str, what: str) -> None:
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _ = split_s3(str(uri))
+    client = boto3.client("s3", config=Config(retries={"max_attempts": 1}, connect_timeout=3, read_timeout=5))
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "?")
+        raise StorageError(f"{what}: {uri}: bucket {bucket!r} answered {code} (does it exist, may these "
+                           "credentials use it?)") from None
+    except BotoCoreError as e:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "the AWS default endpoint")
+        raise StorageError(f"{what}: {uri}: cannot reach S3 at {endpoint}: {type(e).__name__}") from None
+
+
+def check_readable(uri: str | os.PathLike, what: str) -> None:
+    """Fail fast unless ``uri`` can be read: a local path that exists, or an ``s3://`` bucket that answers."""
+    if is_s3(uri):
+        _bucket_answers(str(uri), what)
+    elif not Path(uri).expanduser().exists():
+        raise StorageError(f"{what}: {str(uri)!r} does not exist")
+
+
 def check_writable(uri: str | os.PathLike, what: str) -> None:
     """Fail fast (a few seconds, not a minute of retries) unless ``uri`` — a local folder or ``s3://bucket/...``
     — can be written: the folder is created and a probe file written and removed; the bucket must answer."""
     if is_s3(uri):
-        import boto3
-        from botocore.config import Config
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        bucket, _ = split_s3(str(uri))
-        client = boto3.client("s3", config=Config(retries={"max_attempts": 1}, connect_timeout=3, read_timeout=5))
-        try:
-            client.head_bucket(Bucket=bucket)
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "?")
-            raise StorageError(f"{what} {uri}: bucket {bucket!r} answered {code} (does it exist, may these "
-                               "credentials write it?)") from None
-        except BotoCoreError as e:
-            endpoint = os.environ.get("AWS_ENDPOINT_URL", "the AWS default endpoint")
-            raise StorageError(f"{what} {uri}: cannot reach S3 at {endpoint}: {type(e).__name__}") from None
+        _bucket_answers(str(uri), what)
         return
     p = Path(uri)
     try:
@@ -293,4 +305,4 @@ def check_writable(uri: str | os.PathLike, what: str) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise StorageError(f"{what} {uri}: cannot write there ({e.strerror or e})") from None
+        raise StorageError(f"{what}: {uri}: cannot write there ({e.strerror or e})") from None

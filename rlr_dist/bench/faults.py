@@ -208,6 +208,7 @@ BAD_INPUTS = [  # (what, argv after `rlr-dist`, the field or file the error must
     ("override of the wrong type (int)", ["train", "{config}", "--estimator.h=two"], "estimator.h"),
     ("override of the wrong type (number)", ["train", "{config}", "--regulariser.beta=abc"], "regulariser.beta"),
     ("unknown estimator parameter", ["train", "{config}", "--estimator.hh=2"], "estimator.hh"),
+    ("a reward file that does not exist", ["train", "{config}", "--reward.path=/no/such/classifier"], "reward.path"),
     ("checkpoint bucket with no S3 server", ["train", "{config}", "--checkpoint.dir=s3://no-such-bucket/ckpt"],
      "checkpoint.dir"),
     ("output_dir that cannot be written", ["train", "{config}", "--output_dir=/proc/rlr-dist-x"], "output_dir"),

@@ -109,6 +109,7 @@ def learner_loop(config: dict) -> None:
             pending = pools.submit(core.works(it + 1, pools.chunks), it)  # drawn with the weights before this step
         t_wait = time.perf_counter() - t_it
         every = [s for part in gather(summaries) for s in part]
+        t_learn = time.perf_counter()
         terms = core.learn(model, mine, every, backward=engine.backward)
         summed: dict[str, float] = {}
         for part in gather(terms):
@@ -117,6 +118,7 @@ def learner_loop(config: dict) -> None:
         gnorm = step.grad_norm(model.trainable_parameters()) if engine.zero_optimization_stage() == 0 else None
         engine.step()
         gnorm = engine.get_global_grad_norm() if gnorm is None else gnorm  # ZeRO: DeepSpeed's (pre-clip) norm
+        learn_s = time.perf_counter() - t_learn
         metrics = core.finish(it, every, summed, gnorm)
         retries = sum(gather(pools.retries))
         pools.retries = 0
@@ -127,7 +129,7 @@ def learner_loop(config: dict) -> None:
         if not cfg.train.overlap and it + 1 < T:
             pending = pools.submit(core.works(it + 1, pools.chunks), it + 1)
         if rank == 0:
-            metrics.update({"time/wait_samples": t_wait, "time/sync": sync_s,
+            metrics.update({"time/wait_samples": t_wait, "time/sync": sync_s, "time/learn": learn_s,
                             "time/iteration": time.perf_counter() - t_it,
                             "samples_per_s": metrics["samples"] / (time.perf_counter() - t_it),
                             "weights_version": it + 1, "restarts/actors": restarts,

@@ -42,6 +42,12 @@ def preflight(cfg: TrainConfig, resume: bool = False) -> None:
         msg = str(e)
         raise ConfigError(msg if msg.startswith("model.") else f"model.path: {msg}") from None
     cfg.check_schedule(schedule)
+    for spec in (cfg.reward, cfg.eval_reward):  # the files rewards read: there, or their bucket answers
+        for field, value in ([] if spec is None else spec.path_params()):
+            try:
+                storage.check_readable(value, field)
+            except storage.StorageError as e:
+                raise ConfigError(str(e)) from None
     outputs = [("output_dir", cfg.output_dir), ("checkpoint.dir", cfg.checkpoint.dir)]
     if cfg.export and storage.is_s3(cfg.export):
         outputs.append(("export", cfg.export))
@@ -53,7 +59,7 @@ def preflight(cfg: TrainConfig, resume: bool = False) -> None:
         try:
             storage.check_writable(where, field)
         except storage.StorageError as e:
-            raise ConfigError(str(e).replace(f"{field} {where}", f"{field}: {where}", 1)) from None
+            raise ConfigError(str(e)) from None
     out = Path(cfg.output_dir)
     if resume and not (out / RUN_FILE).is_file():
         raise ConfigError(f"output_dir: --resume needs {out / RUN_FILE}, written by an earlier run")
