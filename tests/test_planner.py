@@ -142,7 +142,7 @@ def test_plan_errors_name_the_fix(capsys):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_real_model_config_loads_with_tiny_stand_ins(name, tiny, tiny_aesthetic):
+def test_real_model_config_loads_with_tiny_stand_ins(name, tiny, tiny_aesthetic, s3_server, tmp_path):
     """load_config + the pipeline's preflight with the weights replaced by tiny saved models, then one
     sampling + scoring call of the config's model and reward."""
     from rlr_dist.models import load_model
@@ -157,7 +157,8 @@ def test_real_model_config_loads_with_tiny_stand_ins(name, tiny, tiny_aesthetic)
     key = "reward.reward" if video else "reward"
     cfg = load_config(ROOT / "jobs/configs" / name, [
         f"--model.path={tiny['t2v' if video else 'sd']}", "--model.resolution=32", "--model.num_frames=4",
-        "--model.num_inference_steps=3", f"--{key}.{clip}", f"--{key}.{head}", "--cluster.address=null"])
+        "--model.num_inference_steps=3", f"--{key}.{clip}", f"--{key}.{head}", "--cluster.address=null",
+        f"--checkpoint.dir={s3_server}/ckpt", f"--export={s3_server}/model", f"--output_dir={tmp_path / 'out'}"])
     preflight(cfg)
     assert cfg.model.mixed_precision == "bf16" and cfg.model.gradient_checkpointing and cfg.deepspeed.bf16
     assert cfg.model.lora.rank == 16 and cfg.deepspeed.zero_stage == 2
