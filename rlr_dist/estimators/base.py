@@ -49,6 +49,9 @@ class Batch:
     reward_fn: RewardFn | None = None
 
     def __post_init__(self) -> None:
+        # 1 = exact log-densities; 1/D under a flow schedule's mean_compat reduction (every likelihood-ratio
+        # and KL term scaled alike, as Flow-GRPO-style trainers do; docs/flow.md)
+        self.logp_scale = float(getattr(self.chain.schedule, "log_prob_scale", 1.0))
         R, dR, self.reward_stats = self.regulariser.transform_reward(self.reward.detach(), self.reward_grad)
         self.R = R.double()
         self.traj.delta = None if self.traj.delta is None else self.traj.delta.to(self.R.device)
@@ -58,7 +61,7 @@ class Batch:
         if reg.active and reg.shaping:
             if tr.delta is None:
                 raise ValueError("the regulariser needs per-step divergences: sample with with_reference=True")
-            c = reg.cost(tr.delta.double())
+            c = reg.cost(tr.delta.double()) * self.logp_scale
             c[:, 0] = 0.0
             # cum[:, m] = Σ_{k=1}^{m-1} c_k: the costs paid *after* the action of step m.
             self.cum_cost = torch.cumsum(torch.cat([c.new_zeros(c.shape[0], 1), c[:, :-1]], 1), 1)
@@ -80,8 +83,9 @@ class Batch:
         return self.R - self.regulariser.beta * self.cum_cost[:, m]
 
     def advantage(self, m: int) -> Tensor:
+        """The advantage weighting step m's likelihood ratio (times the log-prob scale, 1 unless mean_compat)."""
         if m not in self._adv:
-            self._adv[m] = self.advantages(self.returns(m), self.traj.prompt_ids)
+            self._adv[m] = self.advantages(self.returns(m), self.traj.prompt_ids) * self.logp_scale
         return self._adv[m]
 
 
@@ -101,6 +105,29 @@ class Backprop:
     calls: int
     checkpointed: bool = False
     forward_calls: int = 0
+
+
+def absorbed_backprop(segments: list[list[tuple[int, int, int]]], regulariser: Regulariser,
+                      forward_calls: int = 0) -> Backprop:
+    """:class:`Backprop` of plans whose pathwise segments are ``(steps, stochastic steps, top stochastic)``
+    triples (one list per possible plan, as ``check`` found them on a chain with deterministic steps:
+    'absorb' stretches segments over ODE steps, 'skip' drops those steps): the longest segment and the most
+    calls any plan back-propagates. A segment's calls: one per step, plus with an active
+    regulariser one reference call per stochastic step below its top (as :func:`segment` differentiates)."""
+    def calls(seg: tuple[int, int, int]) -> int:
+        steps, stoch, top = seg
+        return steps + (max(0, stoch - top) if regulariser.active else 0)
+
+    flat = [s for plan in segments for s in plan]
+    longest = max(flat, key=calls)
+    return Backprop(segment=calls(longest), steps=longest[0], calls=max(sum(calls(s) for s in plan) for plan in segments),
+                    forward_calls=forward_calls)
+
+
+def segment_shape(sigma: Tensor, k_hi: int, k_lo: int) -> tuple[int, int, int]:
+    """``(steps, stochastic steps, 1 if the top step is stochastic)`` of the pathwise segment ``k_hi .. k_lo``."""
+    stoch = sum(1 for k in range(k_lo, k_hi + 1) if float(sigma[k]) > 0)
+    return k_hi - k_lo + 1, stoch, int(float(sigma[k_hi]) > 0)
 
 
 def segment_calls(steps: int, regulariser: Regulariser) -> int:
@@ -169,7 +196,7 @@ ESTIMATORS.base = Estimator
 def explicit_cost(b: Batch, x: Tensor, k: int, mu: Tensor) -> Tensor:
     """Per-sample ``c_k`` at state ``x`` given ``μ_θ(x)`` (pathwise in ``x`` unless ``x`` is detached)."""
     s = b.sigma(k)
-    return b.regulariser.cost(sq_norm(mu - b.chain.ref_mean(x, k, b.traj.cond)) / s**2)
+    return b.regulariser.cost(sq_norm(mu - b.chain.ref_mean(x, k, b.traj.cond)) / s**2) * b.logp_scale
 
 
 def lr_term(b: Batch, k: int, weight: float = 1.0) -> Tensor:

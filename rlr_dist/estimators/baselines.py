@@ -16,8 +16,9 @@ from torch import Tensor
 from rlr_dist.chain.schedule import GaussianSchedule
 from rlr_dist.chain.trajectory import Plan, inner, sq_norm
 from rlr_dist.registry import check_param
-from rlr_dist.estimators.base import (DETERMINISTIC_MODES, ESTIMATORS, Backprop, Batch, Estimator, explicit_cost,
-                                      pathwise_term, require_stochastic, segment_calls, segment_lr_term, segment_top)
+from rlr_dist.estimators.base import (DETERMINISTIC_MODES, ESTIMATORS, Backprop, Batch, Estimator, absorbed_backprop,
+                                      explicit_cost, pathwise_term, require_stochastic, segment_calls, segment_lr_term,
+                                      segment_shape, segment_top)
 
 
 @ESTIMATORS.register("lr")
@@ -42,6 +43,7 @@ class LikelihoodRatio(Estimator):
         self.K, self.clip_range, self.max_log_ratio = K, clip_range, max_log_ratio
         self.deterministic = deterministic  # skip: no gradient for σ = 0 steps (biased: their g_k is dropped)
         self.fixed_steps: tuple[int, ...] | None = None  # steps left without gradient (set by check / plan)
+        self._segments: tuple[int, list] | None = None    # (T, pathwise segments) with absorb (set by check)
 
     def _steps(self, schedule: GaussianSchedule) -> list[int]:
         return [k for k in range(1, schedule.T + 1) if self.deterministic == "error" or schedule.stochastic(k)]
@@ -56,6 +58,10 @@ class LikelihoodRatio(Estimator):
     def check(self, schedule: GaussianSchedule) -> None:
         require_stochastic(schedule, self._steps(schedule), "lr")
         self.fixed_steps = self._fixed(schedule)
+        if self.deterministic != "error":  # the chain's windows set the segments (absorb lengthens them)
+            segs = sorted((segment_shape(schedule.sigma, self._top(schedule.sigma, k), k) for k in self._steps(schedule)),
+                          reverse=True)
+            self._segments = (schedule.T, [segs[: self.K] if self.K else segs])
 
     def plan(self, schedule: GaussianSchedule, generator: torch.Generator | None = None) -> Plan:
         every = self._steps(schedule)
@@ -94,6 +100,8 @@ class LikelihoodRatio(Estimator):
         return weight * b.scale * loss
 
     def backprop(self, T: int, regulariser) -> Backprop:
+        if self._segments is not None and self._segments[0] == T:  # absorbed ODE steps, measured by check()
+            return absorbed_backprop(self._segments[1], regulariser)
         return Backprop(segment=1, steps=1, calls=min(self.K or T, T))
 
     def describe(self) -> dict:
@@ -112,11 +120,14 @@ class TruncatedBP(Estimator):
         check_param("k_min", k_min is None or 1 <= k_min <= k_max, f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
         check_param("K", K >= 1, f"must be >= 1, got {K}")
         self.K, self.k_min, self.k_max, self.checkpoint = K, k_min, k_max, checkpoint
+        self.fixed_steps: tuple[int, ...] | None = None  # steps above K: no gradient (set by check)
 
     def check(self, schedule: GaussianSchedule) -> None:
         top = self.k_max if self.k_min is not None else self.K
         if top > schedule.T:
             raise ValueError(f"estimator: K={top} exceeds the number of sampler steps T={schedule.T}")
+        # steps above K get no gradient (random K: steps above k_min only sometimes)
+        self.fixed_steps = tuple(range((self.k_min if self.k_min is not None else self.K) + 1, schedule.T + 1))
 
     def plan(self, schedule: GaussianSchedule, generator: torch.Generator | None = None) -> Plan:
         K = self.K
@@ -136,7 +147,8 @@ class TruncatedBP(Estimator):
         return [] if self.checkpoint else [["--estimator.checkpoint=true"]]
 
     def describe(self) -> dict:
-        return {"name": "truncated_bp", "K": self.K, "k_min": self.k_min, "k_max": self.k_max}
+        return {"name": "truncated_bp", "K": self.K, "k_min": self.k_min, "k_max": self.k_max,
+                "fixed_steps": None if self.fixed_steps is None else list(self.fixed_steps)}
 
 
 @ESTIMATORS.register("full_bp")
@@ -148,7 +160,7 @@ class FullBP(TruncatedBP):
         super().__init__(K=1, checkpoint=checkpoint)
 
     def check(self, schedule: GaussianSchedule) -> None:
-        pass
+        self.fixed_steps = ()
 
     def plan(self, schedule: GaussianSchedule, generator: torch.Generator | None = None) -> Plan:
         T = schedule.T
@@ -158,4 +170,4 @@ class FullBP(TruncatedBP):
         return Backprop(segment=segment_calls(T, regulariser), steps=T, calls=T, checkpointed=self.checkpoint)
 
     def describe(self) -> dict:
-        return {"name": "full_bp", "checkpoint": self.checkpoint}
+        return {"name": "full_bp", "checkpoint": self.checkpoint, "fixed_steps": []}

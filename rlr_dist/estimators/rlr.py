@@ -30,9 +30,9 @@ from torch import Tensor
 from rlr_dist.chain.schedule import GaussianSchedule
 from rlr_dist.chain.trajectory import Plan, inner
 from rlr_dist.registry import check_param
-from rlr_dist.estimators.base import (DETERMINISTIC_MODES, ESTIMATORS, Backprop, Batch, Estimator, explicit_cost,
-                                      pathwise_term, require_stochastic, segment, segment_calls, segment_lr_term,
-                                      segment_top)
+from rlr_dist.estimators.base import (DETERMINISTIC_MODES, ESTIMATORS, Backprop, Batch, Estimator, absorbed_backprop,
+                                      explicit_cost, pathwise_term, require_stochastic, segment, segment_calls,
+                                      segment_lr_term, segment_shape, segment_top)
 
 ZO_MODES = ("lr", "lr_sampled", "spsa", "none")
 J_LAWS = ("uniform", "range", "softmax")
@@ -56,6 +56,7 @@ class RLR(Estimator):
                     f"must be one of {DETERMINISTIC_MODES}, got {deterministic!r}")
         self.deterministic = deterministic
         self.fixed_steps: tuple[int, ...] | None = None  # steps left without gradient (set by check / plan)
+        self._segments: tuple[int, list] | None = None    # (T, per-plan pathwise segments) with absorb (set by check)
         self.h, self.zo, self.K, self.j_law, self.j_range = h, zo, K, j_law, j_range
         self.temperature, self.ema, self.spsa_scale, self.fo = temperature, ema, spsa_scale, fo
         self.needs_reward_grad = fo
@@ -119,6 +120,22 @@ class RLR(Estimator):
             raise ValueError(f"estimator: no stochastic block start j among {self.j_candidates(T)} "
                              f"(the HO likelihood ratio sits at step j, which needs σ_j > 0)")
         self.fixed_steps = tuple(sorted({k for j in self._starts(schedule) for k in self._fixed(schedule, j)}))
+        if self.deterministic != "error":  # the chain's windows set the segments (absorb lengthens them)
+            self._segments = (T, [self._plan_segments(schedule, j) for j in self._starts(schedule)])
+
+    def _plan_segments(self, schedule: GaussianSchedule, j: int) -> list[tuple[int, int, int]]:
+        """Shapes of the pathwise segments block start j back-propagates (ZO-LR: all of C, or the K longest)."""
+        sig = schedule.sigma
+        segs = [segment_shape(sig, max(j + self.h - 1, self._top(sig, j + self.h - 1)), j)]
+        if self.fo:
+            segs.append(segment_shape(sig, self._top(sig, 1), 1))
+        if self.zo == "spsa":
+            return segs
+        if self.zo in ("lr", "lr_sampled"):
+            lr = sorted((segment_shape(sig, self._top(sig, k), k) for k in self._lr_set(schedule, self.zo_set(schedule.T, j))),
+                        reverse=True)
+            segs += lr[: self.K] if self.zo == "lr_sampled" else lr
+        return segs
 
     def plan(self, schedule: GaussianSchedule, generator: torch.Generator | None = None) -> Plan:
         T = schedule.T
@@ -204,6 +221,8 @@ class RLR(Estimator):
         return out
 
     def backprop(self, T: int, regulariser) -> Backprop:
+        if self._segments is not None and self._segments[0] == T:  # measured on the chain by check()
+            return absorbed_backprop(self._segments[1], regulariser, 2 * T if self.zo == "spsa" else 0)
         seg = segment_calls(self.h, regulariser)
         C = T - self.h - int(self.fo)
         zo = {"lr": C, "lr_sampled": min(self.K, C)}.get(self.zo, 0)

@@ -1,15 +1,19 @@
 """One interface over diffusers model layouts: load, condition, sample as a chain, decode, export.
 
-A :class:`DiffusionModel` owns the UNet (trainable: LoRA adapters or all weights), its scheduler config
-and, for latent layouts, the frozen VAE and text encoder. It hands the estimators a
-:class:`~rlr_dist.chain.denoiser.DenoiserChain` whose reference model is the same UNet with adapters
-disabled (LoRA; no second copy) or a frozen copy (full fine-tuning). Layouts differ only in how they
-condition, shape and decode; each is one registered subclass (``rlr_dist/models/layouts.py``).
+A :class:`DiffusionModel` owns the denoiser — a UNet, or a diffusion transformer for flow-matching layouts
+(trainable: LoRA adapters or all weights) — its scheduler config and, for latent layouts, the frozen VAE and
+text encoders. It hands the estimators a :class:`~rlr_dist.chain.denoiser.DenoiserChain` whose reference
+model is the same denoiser with adapters disabled (LoRA; no second copy) or a frozen copy (full
+fine-tuning), under the sampler's schedule: a :class:`~rlr_dist.chain.schedule.GaussianSchedule` (DDIM /
+DDPM) or a :class:`~rlr_dist.chain.flow.FlowSchedule` (``model.sampler: flow``, with this iteration's
+stochastic window). Layouts differ only in how they condition, shape and decode; each is one registered
+subclass (``rlr_dist/models/layouts.py``, ``rlr_dist/models/transformers.py``).
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 from abc import ABC, abstractmethod
@@ -23,10 +27,12 @@ from torch.utils.checkpoint import checkpoint
 
 from rlr_dist import storage
 from rlr_dist.chain.denoiser import DenoiserChain
+from rlr_dist.chain.flow import FlowSchedule, resolution_mu
 from rlr_dist.chain.schedule import GaussianSchedule
 from rlr_dist.config import ConfigError
 from rlr_dist.models.config import ModelConfig
-from rlr_dist.models.lora import adapters_disabled, add_lora, lora_state_dict, merged_state_dict
+from rlr_dist.models.lora import (adapter_aware_checkpoint, adapters_disabled, add_lora, lora_state_dict,
+                                  merged_state_dict)
 from rlr_dist.registry import Registry
 
 MODELS: Registry[type["DiffusionModel"]] = Registry("model layout", group="rlr_dist.models")
@@ -88,6 +94,16 @@ class DiffusionModel(ABC):
     video: bool = False
     #: module-name suffixes LoRA adapts by default (``model.lora.target_modules`` overrides)
     default_lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    #: the subfolder (and ``model_index.json`` key) holding the denoiser
+    denoiser_folder: str = "unet"
+    #: ``model.gradient_checkpointing`` checkpoints each transformer block (diffusers' own per-block hooks)
+    #: instead of each model call
+    checkpoints_blocks: bool = False
+    #: with ``mixed_precision: bf16`` and LoRA, hold the frozen denoiser and text encoders in bf16
+    #: (transformer layouts; the LoRA weights, the chain's means and every log-density stay fp32)
+    bf16_weights: bool = False
+    #: frozen component attributes (moved with the model, checked unchanged by the tests)
+    frozen_attributes: tuple[str, ...] = ("vae", "text_encoder")
 
     def __init__(self, folder: Path, cfg: ModelConfig, meta: dict | None = None):
         self.folder = Path(folder)
@@ -98,15 +114,27 @@ class DiffusionModel(ABC):
         self.scheduler_config = read_scheduler_config(self.folder)
         self.load_components()
         self.lora_params: list[nn.Parameter] = []
+        if self.weights_dtype() != torch.float32:
+            self.unet.to(self.weights_dtype())
         if cfg.finetune == "lora":
             self.lora_params, self.lora_targets = add_lora(self.unet, cfg.lora, self.default_lora_targets)
+            for p in self.lora_params:  # trained in fp32 (autocast runs the matmuls in bf16)
+                p.data = p.data.float()
             self.reference_unet = None
         else:
             self.unet.requires_grad_(True)
             self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
-        self.denoiser = Denoiser(self, self.unet, checkpointed=cfg.gradient_checkpointing)
+        per_block = cfg.gradient_checkpointing and self.checkpoints_blocks
+        if per_block:  # per transformer block; remembers adapters on/off so the recompute matches
+            self.unet.enable_gradient_checkpointing(adapter_aware_checkpoint())
+        self.denoiser = Denoiser(self, self.unet, checkpointed=cfg.gradient_checkpointing and not per_block)
         self.reference = (AdaptersOff(self.denoiser) if cfg.finetune == "lora"
                           else Denoiser(self, self.reference_unet))
+
+    def weights_dtype(self) -> torch.dtype:
+        """The dtype the frozen denoiser weights are held in (bf16 under :attr:`bf16_weights` + LoRA + bf16)."""
+        bf16 = self.bf16_weights and self.cfg.mixed_precision == "bf16" and self.cfg.finetune == "lora"
+        return torch.bfloat16 if bf16 else torch.float32
 
     # ------------------------------------------------------------------ layout hooks
     def _load_unet(self) -> nn.Module:
@@ -114,9 +142,9 @@ class DiffusionModel(ABC):
 
         cls = getattr(diffusers, self.unet_class)
         try:
-            return cls.from_pretrained(self.folder, subfolder="unet")
+            return cls.from_pretrained(self.folder, subfolder=self.denoiser_folder)
         except (OSError, ValueError, EnvironmentError) as e:
-            raise ModelError(f"{self.folder / 'unet'}: cannot load {self.unet_class}: {e}") from None
+            raise ModelError(f"{self.folder / self.denoiser_folder}: cannot load {self.unet_class}: {e}") from None
 
     def load_components(self) -> None:
         """Load the frozen extras (VAE, text encoder, tokenizer)."""
@@ -150,17 +178,81 @@ class DiffusionModel(ABC):
         return self.decoder()(x0)
 
     # ------------------------------------------------------------------ chain
-    def schedule(self) -> GaussianSchedule:
-        return build_schedule(self.scheduler_config, self.cfg)
+    @classmethod
+    def image_seq_len(cls, folder: Path, cfg: ModelConfig) -> int | None:
+        """Latent tokens of one sample, from the folder's configs alone: what dynamic (resolution-dependent)
+        flow shifting reads (``None``: the layout has no such notion)."""
+        return None
 
-    def chain(self, guidance_scale: float | None = None) -> DenoiserChain:
+    @classmethod
+    def flow_grid(cls, scheduler_config: dict, steps: int) -> tuple[dict, list[float] | None]:
+        """``(FlowMatchEulerDiscreteScheduler config, unshifted custom flow times or None)`` of this layout's
+        sampler: the scheduler config as stored by default (layouts override: FLUX's pipeline grid, Wan's
+        UniPC flow grid)."""
+        return scheduler_config, None
+
+    @classmethod
+    def make_schedule(cls, scheduler_config: dict, cfg: ModelConfig, image_seq_len: int | None = None,
+                      window: frozenset[int] | None = None, latent_size: int | None = None):
+        """The sampler's chain schedule from a scheduler config alone (no weights): DDIM / DDPM, or for
+        ``model.sampler: flow`` a :class:`FlowSchedule` with the stochastic ``window`` (``None``: the configured
+        one; a varying window's is drawn by the learner per iteration)."""
+        if cfg.sampler != "flow":
+            return build_schedule(scheduler_config, cfg)
+        sched_cfg, sigmas = cls.flow_grid(scheduler_config, cfg.num_inference_steps)
+        return flow_schedule(sched_cfg, cfg, image_seq_len, window, sigmas, latent_size)
+
+    def schedule(self, window: frozenset[int] | None = None):
+        """This model's chain schedule (with ``window``: that iteration's stochastic steps, flow samplers)."""
+        return type(self).make_schedule(self.scheduler_config, self.cfg, type(self).image_seq_len(self.folder, self.cfg),
+                                        window, math.prod(self.latent_shape()))
+
+    def eval_schedule(self):
+        """The schedule evaluation and pictures sample with: the training one, or for flow samplers the one
+        ``model.flow.eval`` names (``ode``: the deterministic Euler sampler pipelines deploy; ``sde``: the
+        transition on every step)."""
+        s = self.schedule()
+        if isinstance(s, FlowSchedule):
+            return s.with_transition("ode") if self.cfg.flow.eval == "ode" else s.with_window(None)
+        return s
+
+    def chain(self, guidance_scale: float | None = None, window: frozenset[int] | None = None,
+              schedule=None) -> DenoiserChain:
+        """The chain estimators train on (``window``: the plan's stochastic steps; ``schedule`` overrides)."""
         w = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         uncond = self.null_cond() if w != 1.0 else None
         if w != 1.0 and uncond is None:
             raise ConfigError(f"model.guidance_scale: {w} needs a null condition, and layout "
                               f"{self.layout!r} of {self.folder} has none (unconditional model)")
-        return DenoiserChain(self.denoiser, self.schedule(), guidance_scale=w, uncond=uncond,
-                             ref_model=self.reference, params=self.trainable_parameters())
+        return DenoiserChain(self.denoiser, schedule if schedule is not None else self.schedule(window),
+                             guidance_scale=w, uncond=uncond, ref_model=self.reference,
+                             params=self.trainable_parameters())
+
+    def eval_chain(self) -> DenoiserChain:
+        """The chain of evaluation, pictures and ``rlr-dist sample`` (see :meth:`eval_schedule`)."""
+        return self.chain(schedule=self.eval_schedule())
+
+    # ------------------------------------------------------------------ planner
+    @classmethod
+    def planner_shape(cls, config: dict, vae_config: dict | None, pixels: tuple[int, int] | None,
+                      cfg: ModelConfig, meta: dict, folder: Path | None) -> dict | None:
+        """What the planner cannot read off a UNet config, from configs alone: ``{"latent": one sample's
+        latent shape, "frames": decoded frames, "latent_hw", "tokens": text tokens per prompt, "temporal":
+        a causal video VAE's frames per latent frame}``; ``None`` = the planner's UNet rules (the default)."""
+        return None
+
+    @classmethod
+    def meta_inputs(cls, config: dict, latent: tuple[int, ...], tokens: int, class_conditional: bool = False,
+                    device: str = "meta") -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of one denoiser call on a batch of 1 with latent ``latent`` (no batch dim) —
+        what the planner runs on the meta device. Default: the diffusers UNet signatures."""
+        t = torch.zeros(1, device=device)
+        x = torch.empty(1, *latent, device=device)
+        if cls.unet_class == "UNet2DModel":
+            kw = {"class_labels": torch.zeros(1, dtype=torch.long, device=device)} if class_conditional else {}
+            return (x, t), kw
+        ctx = torch.empty(1, tokens, config.get("cross_attention_dim", 1280), device=device)
+        return (x, t), {"encoder_hidden_states": ctx}
 
     @property
     def layout(self) -> str:
@@ -171,16 +263,23 @@ class DiffusionModel(ABC):
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         """Every module that must not change during training (for checks and device moves)."""
-        out = {name: m for name, m in (("vae", getattr(self, "vae", None)),
-                                      ("text_encoder", getattr(self, "text_encoder", None)),
-                                      ("reference_unet", self.reference_unet)) if m is not None}
-        return out
+        named = [(a, getattr(self, a, None)) for a in self.frozen_attributes] + [("reference_unet", self.reference_unet)]
+        return {name: m for name, m in named if isinstance(m, nn.Module)}
 
     def to(self, device: str | torch.device) -> "DiffusionModel":
+        """Move the denoiser and the frozen parts (text encoders stay on the CPU with
+        ``model.text_encoder_device: cpu``)."""
         self.unet.to(device)
-        for m in self.frozen_modules().values():
-            m.to(device)
+        on_cpu = self.cfg.text_encoder_device == "cpu"
+        for name, m in self.frozen_modules().items():
+            m.to("cpu" if on_cpu and name.startswith("text_encoder") else device)
         return self
+
+    @property
+    def text_device(self) -> torch.device:
+        """Where the text encoders run (the model's device unless ``model.text_encoder_device: cpu``)."""
+        te = getattr(self, "text_encoder", None)
+        return next(te.parameters()).device if isinstance(te, nn.Module) else self.device
 
     @property
     def device(self) -> torch.device:
@@ -229,13 +328,13 @@ class DiffusionModel(ABC):
                 if lora_only:
                     return
             for item in self.folder.iterdir():
-                if item.name in ("unet", storage.MANIFEST) or item.name.startswith("."):
+                if item.name in (self.denoiser_folder, storage.MANIFEST) or item.name.startswith("."):
                     continue
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-            fresh = type(self.unet).from_config(self.unet.config)
+            fresh = type(self.unet).from_config(self.unet.config).to(self.weights_dtype())
             state = merged_state_dict(self.unet) if self.cfg.finetune == "lora" else self.unet.state_dict()
             fresh.load_state_dict(state)
-            fresh.save_pretrained(tmp / "unet")
+            fresh.save_pretrained(tmp / self.denoiser_folder)
 
         if storage.is_s3(uri):
             import tempfile
@@ -248,6 +347,13 @@ class DiffusionModel(ABC):
 
 
 MODELS.base = DiffusionModel
+
+
+def folder_schedule(folder: Path, cfg: ModelConfig, window: frozenset[int] | None = None):
+    """The schedule the model in ``folder`` samples with under ``cfg``, from its configs alone (no weights):
+    what preflight checks the estimator against."""
+    cls = MODELS.get(cfg.layout if cfg.layout and ":" in cfg.layout else detect_layout(folder)[0], "model.layout")
+    return cls.make_schedule(read_scheduler_config(folder), cfg, cls.image_seq_len(folder, cfg), window)
 
 
 def layout_of_unet_class(cls_name: str | None) -> str | None:
@@ -268,16 +374,66 @@ def read_scheduler_config(folder: Path) -> dict:
         raise ModelError(f"{Path(folder) / 'scheduler'}: cannot read the scheduler config: {e}") from None
 
 
-def build_schedule(scheduler_config: dict, cfg: ModelConfig) -> GaussianSchedule:
-    """The sampler's Gaussian chain schedule (``model.sampler``, steps, η) from a scheduler config alone."""
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+
+
+def build_schedule(scheduler_config: dict, cfg: ModelConfig) -> GaussianSchedule | FlowSchedule:
+    """The sampler's chain schedule (``model.sampler``, steps, η) from a scheduler config alone. Flow
+    samplers get the layout's grid through :meth:`DiffusionModel.make_schedule`; here, the stored one."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
+    flow_folder = scheduler_config.get("_class_name") in FLOW_SCHEDULERS or (
+        scheduler_config.get("use_flow_sigmas") and scheduler_config.get("prediction_type") == "flow_prediction")
+    if cfg.sampler == "flow":
+        return flow_schedule(scheduler_config, cfg)
+    if flow_folder:
+        raise ConfigError(f"model.sampler: {cfg.sampler!r}, but the model's scheduler "
+                          f"({scheduler_config.get('_class_name')}) is flow matching; use sampler: flow")
     if cfg.sampler == "ddim":
         sched = DDIMScheduler.from_config(scheduler_config)
         return GaussianSchedule.from_diffusers(sched, cfg.num_inference_steps, eta=cfg.eta,
                                                last_step_eta=cfg.last_step_eta)
     sched = DDPMScheduler.from_config(scheduler_config)
     return GaussianSchedule.from_diffusers(sched, cfg.num_inference_steps)
+
+
+def flow_schedule(scheduler_config: dict, cfg: ModelConfig, image_seq_len: int | None = None,
+                  window: frozenset[int] | None = None, sigmas: list[float] | None = None,
+                  latent_size: int | None = None) -> FlowSchedule:
+    """The :class:`FlowSchedule` of ``model.sampler: flow`` from a ``FlowMatchEulerDiscreteScheduler`` config:
+    ``model.flow.shift`` overrides a static shift; with dynamic shifting ``mu`` is ``model.flow.mu`` or, as the
+    pipelines compute it, from ``image_seq_len``; ``window`` (``None``: the configured window, or for a
+    varying window the first one) holds the stochastic steps; ``latent_size`` (D) sets the ``mean_compat``
+    log-prob scale 1/D."""
+    name = scheduler_config.get("_class_name")
+    if name not in FLOW_SCHEDULERS:
+        raise ConfigError(f"model.sampler: 'flow' needs a flow-matching scheduler (FlowMatchEulerDiscreteScheduler); "
+                          f"this model's is {name}")
+    sc = dict(scheduler_config)
+    f = cfg.flow
+    if f.shift is not None:
+        sc["shift"] = f.shift
+    mu = None
+    if sc.get("use_dynamic_shifting"):
+        if f.mu is not None:
+            mu = f.mu
+        elif image_seq_len is not None:
+            mu = resolution_mu(sc, image_seq_len)
+        else:
+            raise ConfigError("model.flow.mu: the scheduler shifts with the resolution (use_dynamic_shifting) and "
+                              "this layout cannot say its token count; give model.flow.mu")
+    T = cfg.num_inference_steps
+    if window is None:
+        window = f.window.draw(T, 0, 0) if f.window.kind != "random" else f.window.windows(T)[0]
+    # the loaded model passes its latent size; a config-only schedule (preflight checks) leaves the scale at 1
+    scale = 1.0 / latent_size if f.log_prob_reduction == "mean_compat" and latent_size else 1.0
+    try:
+        s = FlowSchedule.from_diffusers(sc, T, transition=f.transition, eta=cfg.eta, window=window, mu=mu,
+                                        sigmas=sigmas, t1_guard=f.t1_guard)
+    except ValueError as e:
+        raise ConfigError(f"model.flow: {e}") from None
+    s.log_prob_scale = scale
+    return s
 
 
 def resolve_model_folder(path: str) -> Path:
@@ -330,10 +486,13 @@ def detect_layout(folder: Path) -> tuple[str, dict]:
         return meta["layout"], meta
     index = folder / "model_index.json"
     if index.is_file():
-        unet = json.loads(index.read_text()).get("unet")
+        entries = json.loads(index.read_text())
+        unet = entries.get("unet") or entries.get("transformer")
         cls = unet[1] if isinstance(unet, list) and len(unet) == 2 else None
     elif (folder / "unet" / "config.json").is_file():
         cls = json.loads((folder / "unet" / "config.json").read_text()).get("_class_name")
+    elif (folder / "transformer" / "config.json").is_file():
+        cls = json.loads((folder / "transformer" / "config.json").read_text()).get("_class_name")
     else:
         raise ModelError(f"{folder}: not a diffusers model folder (no model_index.json, {RLR_META} or unet/config.json)")
     if cls in UNSUPPORTED:

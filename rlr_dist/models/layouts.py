@@ -36,7 +36,8 @@ class PixelDecoder(nn.Module):
 
 class LatentDecoder(nn.Module):
     """VAE decode of image latents ``(B, c, h, w)`` or video latents ``(B, c, F, h, w)`` (frame by frame)
-    to images in ``[0, 1]``. ``slice_size`` decodes that many images at a time (VAE slicing)."""
+    to images in ``[0, 1]``: ``vae.decode(z / scaling_factor + shift_factor)`` (SD3 / FLUX VAEs have a shift).
+    ``slice_size`` decodes that many images at a time (VAE slicing)."""
 
     def __init__(self, vae: nn.Module, slice_size: int | None = None):
         super().__init__()
@@ -48,13 +49,30 @@ class LatentDecoder(nn.Module):
         if video:
             B, c, F = z.shape[:3]
             z = z.permute(0, 2, 1, 3, 4).reshape(B * F, c, *z.shape[3:])
-        z = z / self.vae.config.scaling_factor
+        z = z / self.vae.config.scaling_factor + (getattr(self.vae.config, "shift_factor", None) or 0.0)
         chunks = z.split(self.slice_size) if self.slice_size else (z,)
         img = torch.cat([self.vae.decode(chunk).sample for chunk in chunks])
         img = (img.float() / 2 + 0.5).clamp(0, 1)
         if video:
             img = img.reshape(B, F, *img.shape[1:]).permute(0, 2, 1, 3, 4)
         return img
+
+
+def prompt_class(prompt: str, class_names: list[str], null_class: int | None, folder) -> int:
+    """The class a prompt names: a class name (``"a handwritten three"``) or its index (``"3"``); the empty
+    prompt is the null class. Errors name the prompt and the classes."""
+    text = prompt.strip().lower()
+    if not text:
+        if null_class is None:
+            raise ModelError(f"{folder}: the empty prompt needs a null class, and this model has none")
+        return int(null_class)
+    words = re.findall(r"[a-z0-9]+", text)
+    hits = {i for i, name in enumerate(class_names) if name in words or str(i) in words}
+    if len(hits) != 1:
+        why = "names no class" if not hits else f"names several classes {sorted(hits)}"
+        raise ModelError(f"prompt {prompt!r} {why}; classes of {getattr(folder, 'name', folder)}: {class_names} "
+                         "(or their indices)")
+    return hits.pop()
 
 
 @MODELS.register("pixel")
@@ -85,18 +103,7 @@ class PixelModel(DiffusionModel):
         return (self.unet.config.in_channels, *_hw(self.unet.config.sample_size))
 
     def class_of(self, prompt: str) -> int:
-        text = prompt.strip().lower()
-        if not text:
-            if self.null_class is None:
-                raise ModelError(f"{self.folder}: the empty prompt needs a null class, and this model has none")
-            return int(self.null_class)
-        words = re.findall(r"[a-z0-9]+", text)
-        hits = {i for i, name in enumerate(self.class_names) if name in words or str(i) in words}
-        if len(hits) != 1:
-            why = "names no class" if not hits else f"names several classes {sorted(hits)}"
-            raise ModelError(f"prompt {prompt!r} {why}; classes of {self.folder.name}: {self.class_names} "
-                             "(or their indices)")
-        return hits.pop()
+        return prompt_class(prompt, self.class_names, self.null_class, self.folder)
 
     def encode_prompts(self, prompts: Sequence[str] | None) -> Any:
         if not self.conditional:
@@ -195,7 +202,7 @@ class StableDiffusionModel(DiffusionModel):
             raise ModelError(f"{self.folder}: a text-conditioned model needs prompts")
         tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt")
-        return self.text_encoder(tok.input_ids.to(self.device))[0]
+        return self.text_encoder(tok.input_ids.to(self.text_device))[0].to(self.device)
 
     def null_cond(self) -> Tensor:
         if self._null is None or self._null.device != self.device:

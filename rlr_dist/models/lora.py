@@ -66,6 +66,34 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             m._disable_adapters = o
 
 
+def adapter_aware_checkpoint():
+    """A per-block checkpoint function for diffusers' ``enable_gradient_checkpointing`` that records whether the
+    block's LoRA adapters were on or off in the forward pass and sets them the same way in the recompute.
+
+    The LoRA reference model is the trained model with adapters *disabled* for the length of a call; a plain
+    checkpoint would recompute a reference block in backward with the adapters back on (a wrong gradient).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def ckpt(block: nn.Module, *args):
+        layers = lora_layers(block)
+        state = [m._disable_adapters for m in layers]
+
+        def run(*a):
+            old = [m._disable_adapters for m in layers]
+            for m, s in zip(layers, state):
+                m._disable_adapters = s
+            try:
+                return block(*a)
+            finally:
+                for m, o in zip(layers, old):
+                    m._disable_adapters = o
+
+        return checkpoint(run, *args, use_reentrant=False)
+
+    return ckpt
+
+
 def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
     """LoRA weights in peft naming (``<module>.lora_A.weight``), as diffusers' ``load_lora_weights`` reads
     them once prefixed with ``unet.``."""

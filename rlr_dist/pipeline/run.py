@@ -25,23 +25,24 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C / SIGTERM ended the run; the MLflow run is marked KILLED and ``--resume`` continues it."""
 
 
-def preflight(cfg: TrainConfig, resume: bool = False) -> None:
+def preflight(cfg: TrainConfig, resume: bool = False) -> dict:
     """Every check that can be made before anything is written or any Ray resource is taken (errors name the
-    field): prompts, the model folder and its schedule against the estimator, every component's parameters
-    (already checked when the config was read), and that the outputs can be written — local folders, or an
-    ``s3://`` bucket that answers within seconds."""
+    field): prompts, the model folder and its schedule against the estimator (every window a flow run can
+    draw), every component's parameters (already checked when the config was read), and that the outputs can
+    be written — local folders, or an ``s3://`` bucket that answers within seconds. Returns the estimator's
+    coverage on the chain (:meth:`TrainConfig.coverage`: fixed steps and the bias statement)."""
     from rlr_dist import storage
-    from rlr_dist.models import ModelError, build_schedule, detect_layout, read_scheduler_config, resolve_model_folder
+    from rlr_dist.models import ModelError, detect_layout, folder_schedule, resolve_model_folder
 
     cfg.data.load_prompts()
     try:
         folder = resolve_model_folder(cfg.model.path)
         detect_layout(folder)
-        schedule = build_schedule(read_scheduler_config(folder), cfg.model)
+        schedule = folder_schedule(folder, cfg.model)
     except (ModelError, storage.StorageError) as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith("model.") else f"model.path: {msg}") from None
-    cfg.check_schedule(schedule)
+    coverage = cfg.check_schedule(schedule)
     for spec in (cfg.reward, cfg.eval_reward):  # the files rewards read: there, or their bucket answers
         for field, value in ([] if spec is None else spec.path_params()):
             try:
@@ -65,6 +66,9 @@ def preflight(cfg: TrainConfig, resume: bool = False) -> None:
         raise ConfigError(f"output_dir: --resume needs {out / RUN_FILE}, written by an earlier run")
     if cfg.train.eval_every and cfg.eval_reward is None:
         print("[rlr-dist] note: no eval_reward configured; evaluation reports the training reward only", flush=True)
+    if coverage["fixed_steps"]:
+        print(f"[rlr-dist] note: estimator bias: {coverage['bias']}", flush=True)
+    return coverage
 
 
 # What actors need from the driver's environment. Secrets are not in it: Ray writes runtime_env values to its
@@ -217,7 +221,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     from rlr_dist.pipeline.workers import RewardWorker, SamplerWorker, WeightStore
 
     cfg = cfg.resolved(Path.cwd())
-    preflight(cfg, resume)
+    coverage = preflight(cfg, resume)
     out = Path(cfg.output_dir)
     run_file = out / RUN_FILE
     uri = tracking_uri(cfg.tracking.uri, out)
@@ -226,9 +230,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     else:
         out.mkdir(parents=True, exist_ok=True)
         name = cfg.tracking.run_name or f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        tags, description = headline(cfg)
-        run_id = start_run(uri, cfg.tracking.experiment, name, out / "mlartifacts", flatten(to_dict(cfg)), tags,
-                           description)
+        tags, description = headline(cfg, coverage)
+        params = {**flatten(to_dict(cfg)), **flatten(coverage, "coverage.")}
+        run_id = start_run(uri, cfg.tracking.experiment, name, out / "mlartifacts", params, tags, description)
         run = {"name": name, "run_id": run_id, "tracking_uri": uri}
         run_file.write_text(json.dumps(run, indent=1))
     (out / "config.yaml").write_text(dump(cfg))

@@ -30,8 +30,9 @@ def flatten(d: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def headline(cfg) -> tuple[dict[str, str], str]:
-    """Tags and a one-paragraph description of a training config: what a person looks for first."""
+def headline(cfg, coverage: dict | None = None) -> tuple[dict[str, str], str]:
+    """Tags and a one-paragraph description of a training config: what a person looks for first (with the
+    estimator's ``coverage`` on the chain: fixed steps and the bias statement, ``TrainConfig.coverage``)."""
     def short(spec) -> str:
         d = spec.to_dict()
         name = d.pop("name")
@@ -39,15 +40,20 @@ def headline(cfg) -> tuple[dict[str, str], str]:
         return name + (" (" + ", ".join(f"{k}={v}" for k, v in d.items()) + ")" if d else "")
 
     tags = {"estimator": short(cfg.estimator), "regulariser": short(cfg.regulariser), "reward": short(cfg.reward),
-            "model": f"{cfg.model.path} ({cfg.model.finetune}, {cfg.model.num_inference_steps} {cfg.model.sampler} steps)"}
+            "model": f"{cfg.model.path} ({cfg.model.finetune}, {cfg.model.num_inference_steps} {cfg.model.sampler} steps"
+                     + (f", {cfg.model.flow.transition} eta {cfg.model.eta:g}, window {cfg.model.flow.window.kind}"
+                        if cfg.model.sampler == "flow" else "") + ")"}
     if cfg.eval_reward is not None:
         tags["eval_reward"] = short(cfg.eval_reward)
+    if coverage is not None:
+        tags["fixed_steps"] = str(coverage["fixed_steps"])
+        tags["bias"] = coverage["bias"]
     t = cfg.train
     text = (f"Fine-tuning {tags['model']} with estimator {tags['estimator']} and regulariser {tags['regulariser']} "
             f"toward reward {tags['reward']}" + (f"; evaluated by {tags['eval_reward']}" if "eval_reward" in tags else "")
             + f". {t.iterations} iterations of {t.batch_size} samples, lr {cfg.optim.lr:g}; "
             f"{cfg.cluster.samplers.count} sampler(s), {cfg.cluster.rewards.count} reward actor(s), "
-            f"{cfg.cluster.learners.count} learner(s).")
+            f"{cfg.cluster.learners.count} learner(s)." + (f" Estimator bias: {coverage['bias']}." if coverage else ""))
     return {f"rlr.{k}": v for k, v in tags.items()}, text
 
 

@@ -188,7 +188,21 @@ class RewardScorer:
 
     def decode(self, x0: Tensor) -> Tensor:
         """Images of ``x0``; of a video ``(B, C, F, H, W)`` only the frames the reward reads are decoded
-        (decoders work frame by frame), the rest are zeros outside the graph."""
+        (decoders work frame by frame), the rest are zeros outside the graph.
+
+        A decoder that compresses time (a causal video VAE, e.g. Wan's: latent frame ``i`` makes several
+        frames) says so with ``pixel_frames(latent_frames) -> frames`` and ``decode_frames(z, frames)`` (the
+        decoded frames at those indices): it is asked only for the frames the reward reads."""
+        if x0.dim() == 5 and hasattr(self.decoder, "decode_frames"):
+            F = self.decoder.pixel_frames(x0.shape[2])
+            idx = self.reward.frames(F)
+            idx = list(range(F)) if idx is None else idx
+            part = self.decoder.decode_frames(x0, idx)
+            if len(idx) == F:
+                return part
+            at = torch.tensor(idx, device=part.device)
+            full = part.new_zeros(*part.shape[:2], F, *part.shape[3:])
+            return full.index_copy(2, at, part)
         idx = self.reward.frames(x0.shape[2]) if x0.dim() == 5 else None
         if idx is None or len(idx) == x0.shape[2]:
             return self.decoder(x0)

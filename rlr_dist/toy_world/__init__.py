@@ -4,6 +4,7 @@ Assets (``rlr_dist/assets/toy/<name>``, each a folder with ``manifest.json``):
 
 * ``digits``        — class-conditional pixel DDPM on sklearn's digits, 16×16 (layout ``pixel``);
 * ``moving-digits`` — its video twin, 8 frames of 16×24 (layout ``pixel_video``);
+* ``digits-flow``   — a rectified-flow digits model on a tiny SD3 transformer, 16×16 (layout ``pixel_flow``);
 * ``classifier``    — the digit classifier used as the *training* reward (``digit_logprob``);
 * ``evaluator``     — the held-out evaluator (other architecture, other data: MNIST) (``digit_evaluator``).
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ASSETS = ("digits", "moving-digits", "classifier", "evaluator")
+ASSETS = ("digits", "moving-digits", "digits-flow", "classifier", "evaluator")
 ASSET_ROOT = Path(__file__).resolve().parent.parent / "assets" / "toy"
 
 

@@ -16,7 +16,7 @@ def main(argv_args) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     cmd = "rlr-dist " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("rlr-dist") else None
-    if a.what in ("digits", "moving-digits"):
+    if a.what in ("digits", "moving-digits", "digits-flow"):
         out = Path(a.out) if a.out else default_asset_dir(a.what)
         pretrain_model(a.what, out, a.steps, a.seed, a.batch_size, log_every=a.log_every, command=cmd)
         if a.what == "digits" and not a.no_classifiers:

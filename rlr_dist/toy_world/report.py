@@ -16,22 +16,26 @@ from rlr_dist.toy_world.train import META, NUM_CLASSES, Log, _fmt_secs, _log, de
 
 # ----------------------------------------------------------------------------------------- sampling
 def sample_classes(folder: str | Path, per_class: int, seed: int = 0, steps: int = 20, eta: float = 1.0,
-                   guidance: float = 1.0, classes: list[int] | None = None, chunk: int = 100) -> tuple[Tensor, Tensor]:
+                   guidance: float = 1.0, classes: list[int] | None = None, chunk: int = 100,
+                   flow: dict | None = None) -> tuple[Tensor, Tensor]:
     """``(samples in [-1, 1], labels)``: ``per_class`` samples of each class of a saved model (DDIM with
-    ``eta``, the last step deterministic; images ``(N, 1, H, W)``, clips ``(N, 1, F, H, W)``)."""
+    ``eta``, the last step deterministic; flow models: the sampler ``flow`` names; images ``(N, 1, H, W)``,
+    clips ``(N, 1, F, H, W)``)."""
     labels = torch.tensor(list(range(NUM_CLASSES)) if classes is None else classes).repeat_interleave(per_class)
-    return sample_prompts(folder, [str(int(c)) for c in labels], seed, steps, eta, guidance, chunk), labels
+    return sample_prompts(folder, [str(int(c)) for c in labels], seed, steps, eta, guidance, chunk, flow), labels
 
 
 def sample_prompts(folder: str | Path, prompts: list[str], seed: int = 0, steps: int = 20, eta: float = 1.0,
-                   guidance: float = 1.0, chunk: int = 100) -> Tensor:
+                   guidance: float = 1.0, chunk: int = 100, flow: dict | None = None) -> Tensor:
     """Samples in ``[-1, 1]`` of a saved toy model for ``prompts`` (a class index, or ``""``: unconditional),
-    in chunks of ``chunk`` drawn from seeds ``seed``, ``seed + chunk``, ..."""
+    in chunks of ``chunk`` drawn from seeds ``seed``, ``seed + chunk``, ... ``flow``: a flow model's
+    ``model.flow`` settings (its evaluation sampler samples)."""
     from rlr_dist.models import load_model
     from rlr_dist.train.step import draw
 
+    extra = {} if flow is None else {"sampler": "flow", "flow": flow}
     model = load_model({"path": str(folder), "finetune": "full", "num_inference_steps": steps, "eta": eta,
-                        "guidance_scale": guidance})
+                        "guidance_scale": guidance, **extra})
     outs = [draw(model, prompts[i:i + chunk], seed + i) for i in range(0, len(prompts), chunk)]
     return torch.cat(outs).clamp(-1, 1)
 
@@ -86,9 +90,15 @@ def motion_stats(clips: Tensor) -> dict:
             "frame_diff": float((clips[:, :, 1:] - clips[:, :, :-1]).abs().mean())}
 
 
+FLOW_SAMPLERS = {"ode": ({"transition": "ode", "eval": "ode"}, 0.0),         # what diffusers' pipelines deploy
+                 "sde": ({"transition": "flow_sde", "eval": "sde"}, 0.7)}   # the training SDE on every step
+
+
 def measure(folder: str | Path, per_class: int = 50, n_uncond: int = 200, seed: int = 0,
-            guidances: tuple[float, ...] = (1.0, 2.0), steps: int = 20, log: Log = _log) -> dict:
-    """Baseline numbers of a saved toy model (20-step DDIM, eta 1, last step deterministic)."""
+            guidances: tuple[float, ...] = (1.0, 2.0), steps: int = 20, log: Log = _log,
+            flow: str | None = None) -> dict:
+    """Baseline numbers of a saved toy model (20-step DDIM, eta 1, last step deterministic; a flow model with the
+    sampler ``flow`` names: ``ode`` (Euler) or ``sde`` (flow_sde, η 0.7, every step))."""
     from rlr_dist.toy_world.rewards import DigitLogProb, evaluate_digits
 
     folder = Path(folder)
@@ -96,12 +106,13 @@ def measure(folder: str | Path, per_class: int = 50, n_uncond: int = 200, seed: 
     video = meta["layout"] == "pixel_video"
     train_reward = DigitLogProb(target=3, path=str(folder.parent / "classifier"))
     ev_path = str(folder.parent / "evaluator")
-    res: dict = {"per_class": per_class, "n_uncond": n_uncond, "seed": seed, "ddim_steps": steps, "eta": 1.0,
-                 "guidance": {}}
+    fl, eta = FLOW_SAMPLERS[flow] if flow else (None, 1.0)
+    res: dict = {"per_class": per_class, "n_uncond": n_uncond, "seed": seed, "ddim_steps": steps, "eta": eta,
+                 "guidance": {}, **({"sampler": flow} if flow else {})}
     first = None
     for w in guidances:
         t0 = time.time()
-        x, y = sample_classes(folder, per_class, seed=seed, steps=steps, guidance=w)
+        x, y = sample_classes(folder, per_class, seed=seed, steps=steps, guidance=w, eta=eta, flow=fl)
         if first is None:
             first = (x, y)
         acc, trn = [], []
@@ -117,7 +128,7 @@ def measure(folder: str | Path, per_class: int = 50, n_uncond: int = 200, seed: 
         res["guidance"][str(w)] = entry
         log(f"  {folder.name} guidance {w}: evaluator accuracy {entry['evaluator_acc_mean']:.3f}, training classifier "
             f"{entry['classifier_acc_mean']:.3f} ({entry['sampling_seconds']:.0f}s)")
-    xu = sample_prompts(folder, [""] * n_uncond, seed=seed + 10_000, steps=steps)
+    xu = sample_prompts(folder, [""] * n_uncond, seed=seed + 10_000, steps=steps, eta=eta, flow=fl)
     with torch.no_grad():
         r = train_reward(to01(xu))
     ev = evaluate_digits(to01(xu), 3, path=ev_path)
@@ -153,7 +164,18 @@ def write_report(assets: str | Path | None = None, doc: str | Path = "docs/toy-w
                   guidances=(1.0, 2.0), log=log)
     x, y = mov.pop("_samples")
     save_gif(x, y, images / "moving-digits.gif")
-    meta = {k: json.loads((assets / k / META).read_text())["made_by"] for k in ("digits", "moving-digits")}
+    names = ["digits", "moving-digits"]
+    flow = {}
+    if (assets / "digits-flow" / META).is_file():
+        log(f"measuring {assets / 'digits-flow'}")
+        for sampler in FLOW_SAMPLERS:
+            flow[sampler] = measure(assets / "digits-flow", per_class=per_class, n_uncond=200, seed=seed, log=log,
+                                    flow=sampler, guidances=(1.0, 2.0) if sampler == "ode" else (1.0,))
+            x, y = flow[sampler].pop("_samples")
+            if sampler == "ode":
+                save_grid(x, y, images / "digits-flow-grid.png")
+        names.append("digits-flow")
+    meta = {k: json.loads((assets / k / META).read_text())["made_by"] for k in names}
     cls = {k: json.loads((assets / k / "config.json").read_text()) for k in ("classifier", "evaluator")}
     from rlr_dist.toy_world.rewards import evaluate_digits
 
@@ -164,15 +186,60 @@ def write_report(assets: str | Path | None = None, doc: str | Path = "docs/toy-w
     for k in cls:  # per-class recall on the sklearn test digits: where the two classifiers disagree
         cls[k]["metrics"]["sklearn_test_recall"] = [
             round(evaluate_digits(to01(xt[yt == c]), c, path=str(assets / k))["frac_target"], 3) for c in range(10)]
-    baseline = {"digits": dig, "moving-digits": mov, "made_by": meta,
+    baseline = {"digits": dig, "moving-digits": mov, **({"digits-flow": flow} if flow else {}), "made_by": meta,
                 "classifiers": {k: {"metrics": v["metrics"], "made_by": v["made_by"]} for k, v in cls.items()},
                 "report_seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads(), "versions": versions()}
     (assets / "baseline.json").write_text(json.dumps(baseline, indent=1))
     Path(doc).parent.mkdir(parents=True, exist_ok=True)
-    Path(doc).write_text(render_doc(baseline, seed, per_class))
+    kept = Path(doc).read_text().split(KEEP, 1)[1] if Path(doc).is_file() and KEEP in Path(doc).read_text() else ""
+    Path(doc).write_text(render_doc(baseline, seed, per_class) + ("\n" + KEEP + kept if kept else ""))
     log(f"wrote {doc}, {images / 'digits-grid.png'}, {images / 'moving-digits.gif'} and {assets / 'baseline.json'} "
         f"({_fmt_secs(time.time() - t0)})")
     return baseline
+
+
+# everything after this line of docs/toy-world.md is written by hand (fine-tuning results) and kept by the report
+KEEP = "<!-- rlr-dist pretrain report keeps what follows -->"
+
+
+def _flow_section(b: dict) -> str:
+    """The digits-flow baseline (ODE and SDE samplers) as markdown; empty without the asset."""
+    if "digits-flow" not in b:
+        return ""
+    f, mf = b["digits-flow"], b["made_by"]["digits-flow"]
+    dd = b["digits"]["guidance"]
+
+    def acc(w: str) -> float:
+        return f["ode"]["guidance"][w]["evaluator_acc_mean"]
+
+    head = "| | " + " | ".join(str(c) for c in range(NUM_CLASSES)) + " | mean |\n|---|" + "---|" * (NUM_CLASSES + 1)
+    rows = [head]
+    for sampler, res in f.items():
+        for w, e in res["guidance"].items():
+            rows.append(_row(f"evaluator, {sampler}, CFG {w}", e["evaluator_acc"] + [e["evaluator_acc_mean"]]))
+            rows.append(_row(f"training classifier, {sampler}, CFG {w}", e["classifier_acc"] + [e["classifier_acc_mean"]]))
+    u = f["ode"]["uncond"]
+    return f"""
+### digits-flow (16×16, rectified flow)
+Sampler: `FlowMatchEulerDiscreteScheduler` times (shift 1, 20 steps); `ode` = its Euler step (what
+diffusers' pipelines deploy, and what evaluation uses: `model.flow.eval: ode`), `sde` = the Flow-GRPO SDE
+(η = 0.7) on every step. Per class:
+
+{chr(10).join(rows)}
+
+({f['ode']['per_class']} samples per class, seed {f['ode']['seed']}.) Held-out accuracy at CFG 1 / CFG 2: digits-flow
+(ODE) {acc('1.0'):.2f} / {acc('2.0'):.2f}, the DDPM above {dd['1.0']['evaluator_acc_mean']:.2f} /
+{dd['2.0']['evaluator_acc_mean']:.2f} — the weak classes (1, 9) are the evaluator's own bias (its recall table above).
+{mf['steps']} steps of batch {mf.get('batch')} took {_fmt_secs(mf.get('cpu_seconds', mf['seconds']))} of CPU time.
+
+Unconditional (null-class) samples, ODE:
+- `digit_logprob` (target 3, training classifier): **{u['digit_logprob3_mean']:.2f} ± {u['digit_logprob3_std']:.2f}**
+  (mean ± std over {f['ode']['n_uncond']} samples)
+- held-out evaluator: fraction predicted 3 = **{u['evaluator_frac3']:.3f}**, mean log p(3) = {u['evaluator_logp3_mean']:.2f};
+  predicted-class counts {u['evaluator_counts']}, entropy {u['evaluator_entropy_bits']:.2f} bits (uniform: 3.32)
+
+![digits-flow, one row per class (ODE, CFG 1)](images/digits-flow-grid.png)
+"""
 
 
 def _row(name: str, vals: list, fmt: str = "{:.2f}") -> str:
@@ -219,6 +286,7 @@ real gain from reward hacking. `rlr_dist.toy_world.asset_path(name)` gives the f
 |---|---|---|
 | `digits` | class-conditional DDPM on sklearn's digits, 16×16, 268 k parameters | `pixel` (`UNet2DModel`) |
 | `moving-digits` | its video twin: 8 frames of 16×24, a digit sliding 1 px/frame | `pixel_video` (frames stacked as channels) |
+| `digits-flow` | rectified-flow digits, 16×16, a tiny SD3 transformer (0.58 M parameters) | `pixel_flow` (`SD3Transformer2DModel`) |
 | `classifier` | digit CNN, the **training reward** `digit_logprob` | safetensors + `config.json` |
 | `evaluator` | other CNN on other data (MNIST), the **held-out** `digit_evaluator` | safetensors + `config.json` |
 
@@ -241,6 +309,13 @@ real gain from reward hacking. `rlr_dist.toy_world.asset_path(name)` gives the f
 - **moving-digits**: the same recipe on clips with the 8 frames stacked as channels, frame-major
   (`(B, C, F, H, W)` → `(B, F·C, H, W)`), `sample_size=(16, 24)`, `block_out_channels=(24, 48, 48)`
   (0.60 M parameters), batch 32.
+- **digits-flow**: rectified flow `x_t = (1 − t)·x + t·ε`, velocity target `ε − x`, flow time `t` logit-normal
+  (SD3's), model time `1000·t`, on `SD3Transformer2DModel(sample_size=16, patch_size=2, in/out_channels=1,
+  num_layers=4, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=11, caption_projection_dim=64,
+  pooled_projection_dim=11, pos_embed_max_size=8)`: 64 patch tokens; the class is **one one-hot conditioning
+  token** (11 = 10 digits + null) through the joint attention and the same one-hot as the pooled projection.
+  Null class for 10 % of examples (CFG); batch 128, AdamW (lr 1e-3, one-cycle, weight decay 1e-4, grad-norm clip
+  1). Weights are stored in float16 (1.2 MB; they load as float32). `FlowMatchEulerDiscreteScheduler(shift=1)`.
 - **classifier** (training reward): 3×3 convolutions 16/32/32 with ReLU and two max-pools, global average + max
   pooling, MLP head; trained on the sklearn `train` split.
 - **evaluator** (held out): 5×5/5×5/3×3 convolutions 16/32/64 with SiLU and average pools, global max pooling,
@@ -305,11 +380,12 @@ samples (per-frame class, motion, smoothness), not as a quality reference; ~3,00
 Unconditional (null-class) clips:
 {uncond(m, "clips")}
 ![moving digits, one row per class](images/moving-digits.gif)
-
+{_flow_section(b)}
 ## Reproduce
 ```
 rlr-dist pretrain digits          # DDPM, then classifier + evaluator (seed 0); --no-classifiers to skip them
 rlr-dist pretrain moving-digits   # video twin (seed 0)
+rlr-dist pretrain digits-flow     # rectified-flow digits on a tiny SD3 transformer (seed 0)
 rlr-dist pretrain classifiers     # only the two classifiers
 rlr-dist pretrain report          # sample, measure, rewrite this page and docs/images/ (seed {seed}, {per_class} per class)
 ```
@@ -321,13 +397,21 @@ steps, seconds, threads, versions). Runs are reproducible for a fixed seed and t
 |---|---|---|---|---|---|---|
 | digits | `{md['command']}` | {md['seed']} | {md['steps']} | {md.get('batch')} | {md.get('final_loss')} | {_fmt_secs(md['seconds'])} |
 | moving-digits | `{mm['command']}` | {mm['seed']} | {mm['steps']} | {mm.get('batch')} | {mm.get('final_loss')} | {_fmt_secs(mm['seconds'])} |
-| classifier | `{ce['made_by']['command']}` | {ce['made_by']['seed']} | {ce['made_by']['steps']} | 128 | – | {_fmt_secs(ce['made_by']['seconds'])} |
+{_flow_run(b)}| classifier | `{ce['made_by']['command']}` | {ce['made_by']['seed']} | {ce['made_by']['steps']} | 128 | – | {_fmt_secs(ce['made_by']['seconds'])} |
 | evaluator | (same run) | {ee['made_by']['seed']} | {ee['made_by']['steps']} | 128 | – | {_fmt_secs(ee['made_by']['seconds'])} |
 
 Times are wall-clock with 1 torch thread ({md['versions']['torch']}, diffusers {md['versions']['diffusers']}) on a
 2-core machine **shared with other jobs** (load ≈ 4 while these ran), so they are upper bounds. {_cpu_note(md, mm)} This report took
 {_fmt_secs(b['report_seconds'])}.
 """
+
+
+def _flow_run(b: dict) -> str:
+    mf = b["made_by"].get("digits-flow")
+    if mf is None:
+        return ""
+    return (f"| digits-flow | `{mf['command']}` | {mf['seed']} | {mf['steps']} | {mf.get('batch')} | {mf.get('final_loss')} | "
+            f"{_fmt_secs(mf['seconds'])} ({_fmt_secs(mf.get('cpu_seconds', 0))} CPU) |\n")
 
 
 def _fmt_size() -> str:

@@ -6,6 +6,10 @@ ships in wheels, and writing them as checksummed model folders.
   guidance works), then the training-reward classifier and the held-out evaluator (unless ``--no-classifiers``).
 * ``moving-digits`` — its video twin: 8 frames of 16×24 stacked as the channels of a ``UNet2DModel``
   (frame-major, ``(B, C, F, H, W)`` -> ``(B, F·C, H, W)``), class-conditional the same way.
+* ``digits-flow``   — a rectified-flow digits model (velocity prediction, flow time ``t ∈ [0, 1]``) on a tiny
+  ``SD3Transformer2DModel`` (patch 2, 16×16 pixels, 4 joint blocks of width 64); the digit class is fed as one
+  one-hot conditioning token and as the pooled projection (class 10 = null, 10 % of examples, for CFG).
+  Layout ``pixel_flow``; sampled by ``FlowMatchEulerDiscreteScheduler`` (ODE) or a flow SDE (docs/flow.md).
 * ``classifiers``   — only the two classifiers.
 
 Model folders hold ``DDPMPipeline.save_pretrained`` output (``model_index.json``, ``unet/``, ``scheduler/``),
@@ -32,8 +36,8 @@ NUM_CLASSES = 10
 NULL_CLASS = 10
 P_NULL = 0.1
 TRAIN_TIMESTEPS = 100
-DEFAULT_STEPS = {"digits": 1200, "moving-digits": 1000}
-DEFAULT_BATCH = {"digits": 128, "moving-digits": 32}
+DEFAULT_STEPS = {"digits": 1200, "moving-digits": 1000, "digits-flow": 1800}
+DEFAULT_BATCH = {"digits": 128, "moving-digits": 32, "digits-flow": 128}
 META = "rlr_model.json"
 
 Log = Callable[[str], None]
@@ -132,6 +136,102 @@ def train_ddpm(kind: str, steps: int, seed: int = 0, batch: int | None = None, l
     return unet, sched, time.time() - t0, ema, cpu
 
 
+# ------------------------------------------------------------------------------- the rectified-flow twin
+FLOW_WIDTH, FLOW_HEADS, FLOW_LAYERS = 64, 2, 4
+FLOW_SHIFT = 1.0
+
+
+def make_flow_transformer():
+    """The tiny ``SD3Transformer2DModel`` of ``digits-flow``: 16×16×1 pixels in patches of 2 (64 tokens), one
+    conditioning token of dimension 11 (a one-hot class, 10 = null) and the same one-hot as pooled projection."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=1, out_channels=1, num_layers=FLOW_LAYERS,
+                                 attention_head_dim=FLOW_WIDTH // FLOW_HEADS, num_attention_heads=FLOW_HEADS,
+                                 joint_attention_dim=NUM_CLASSES + 1, caption_projection_dim=FLOW_WIDTH,
+                                 pooled_projection_dim=NUM_CLASSES + 1, pos_embed_max_size=8)
+
+
+def make_flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT)
+
+
+def class_tokens(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(tokens (B, 1, 11), pooled (B, 11))``: the one-hot class as the conditioning token and pooled vector."""
+    onehot = F.one_hot(labels, NUM_CLASSES + 1).float()
+    return onehot[:, None, :], onehot
+
+
+def train_flow(steps: int, seed: int = 0, batch: int = 128, lr: float = 1e-3, log: Log = _log,
+               log_every: int = 100):
+    """Rectified flow on the digits: ``x_t = (1 − t)·x + t·ε`` with ``t`` logit-normal (SD3's sampling of
+    flow times), target velocity ``ε − x``, model time ``1000·t``. Returns ``(transformer, scheduler, seconds,
+    final_loss, cpu_seconds)``."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model, sched = make_flow_transformer(), make_flow_scheduler()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"pretrain digits-flow: {n_params / 1e6:.3f} M parameters, {steps} steps of batch {batch}, seed {seed}, "
+        f"{torch.get_num_threads()} thread(s)")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    batches = _Batches("digits", g)
+    model.train()
+    t0, c0, ema = time.time(), time.process_time(), None
+    for step in range(1, steps + 1):
+        x0, y = batches(batch)
+        y = torch.where(torch.rand(batch, generator=g) < P_NULL, torch.full_like(y, NULL_CLASS), y)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.sigmoid(torch.randn(batch, generator=g))
+        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+        tokens, pooled = class_tokens(y)
+        v = model(xt, encoder_hidden_states=tokens, pooled_projections=pooled, timestep=t * 1000).sample
+        loss = F.mse_loss(v, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        one_cycle.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % log_every == 0 or step == steps:
+            el = time.time() - t0
+            log(f"  step {step:>5}/{steps}  loss {ema:.4f}  {step / el:.2f} steps/s  "
+                f"elapsed {_fmt_secs(el)}  eta {_fmt_secs(el / step * (steps - step))}")
+    model.eval()
+    cpu = time.process_time() - c0
+    log(f"  {time.time() - t0:.0f} s wall, {cpu:.0f} s CPU")
+    return model, sched, time.time() - t0, ema, cpu
+
+
+def save_flow_model(folder: str | Path, transformer, scheduler, made_by: dict) -> Path:
+    """Write a ``pixel_flow`` folder: ``transformer/``, ``scheduler/``, ``model_index.json``, ``rlr_model.json``
+    (layout, classes, null class, shape, ``made_by``), ``manifest.json`` last."""
+    from rlr_dist.storage import atomic_dir
+
+    meta = {"layout": "pixel_flow", "conditioning": "class", "num_classes": NUM_CLASSES, "null_class": NULL_CLASS,
+            "class_names": CLASS_NAMES, "channels": 1, "sample_size": [16, 16], "made_by": made_by}
+    index = {"_class_name": "PixelFlow", "_diffusers_version": versions()["diffusers"],
+             "transformer": ["diffusers", type(transformer).__name__],
+             "scheduler": ["diffusers", type(scheduler).__name__]}
+
+    def write(tmp: Path) -> None:
+        import copy
+
+        tmp.chmod(0o755)
+        # weights stored in float16 (the folder stays < 2 MB); they load back as float32
+        copy.deepcopy(transformer).half().save_pretrained(tmp / "transformer")
+        for f in (tmp / "transformer").iterdir():
+            f.chmod(0o644)
+        scheduler.save_pretrained(tmp / "scheduler")
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+
+    atomic_dir(folder, write)
+    return Path(folder)
+
+
 def load_model(folder: str | Path):
     """``(unet, scheduler, meta)`` of a toy model folder (eval mode, frozen)."""
     from diffusers import DDPMScheduler, UNet2DModel
@@ -180,12 +280,19 @@ def made_by(command: str, seed: int, steps: int, seconds: float, **extra) -> dic
 def pretrain_model(kind: str, out: str | Path | None = None, steps: int | None = None, seed: int = 0,
                    batch: int | None = None, log: Log = _log, log_every: int = 100,
                    command: str | None = None) -> dict:
-    """Train and save the DDPM of ``kind``; returns its ``made_by`` record."""
+    """Train and save the model of ``kind`` (the DDPMs, or the rectified flow ``digits-flow``); returns its
+    ``made_by`` record."""
     steps = steps or DEFAULT_STEPS[kind]
     batch = batch or DEFAULT_BATCH[kind]
     out = Path(out) if out else default_asset_dir(kind)
-    unet, sched, secs, loss, cpu = train_ddpm(kind, steps, seed, batch, log=log, log_every=log_every)
     cmd = command or f"rlr-dist pretrain {kind} --steps {steps} --seed {seed}"
+    if kind == "digits-flow":
+        model, sched, secs, loss, cpu = train_flow(steps, seed, batch, log=log, log_every=log_every)
+        record = made_by(cmd, seed, steps, secs, batch=batch, final_loss=round(loss, 4), cpu_seconds=round(cpu, 1))
+        save_flow_model(out, model, sched, record)
+        log(f"wrote {out} ({_fmt_secs(secs)} of training)")
+        return record
+    unet, sched, secs, loss, cpu = train_ddpm(kind, steps, seed, batch, log=log, log_every=log_every)
     record = made_by(cmd, seed, steps, secs, batch=batch, final_loss=round(loss, 4), cpu_seconds=round(cpu, 1))
     save_model(out, unet, sched, kind, record)
     log(f"wrote {out} ({_fmt_secs(secs)} of training)")

@@ -225,15 +225,47 @@ class TrainConfig:
         c.eval_reward = None if c.eval_reward is None else c.eval_reward.resolved(base)
         return c
 
-    def check_schedule(self, schedule) -> None:
-        """The estimator's demands on the sampler's chain (e.g. σ_k > 0 for likelihood-ratio steps),
-        as a config error naming the estimator."""
-        try:
-            self.make_estimator().check(schedule)
-        except ValueError as e:
-            msg = str(e).removeprefix("estimator: ")
-            raise ConfigError(f"estimator: {msg} (model: {self.model.sampler}, eta {self.model.eta}, "
-                              f"last_step_eta {self.model.last_step_eta}, {self.model.num_inference_steps} steps)") from None
+    def windows(self, schedule) -> list:
+        """The stochastic windows the run can sample with (``[None]``: the schedule as configured)."""
+        m = self.model
+        if m.sampler != "flow" or not m.flow.window.varies:
+            return [None]
+        return m.flow.window.windows(schedule.T)
+
+    def check_schedule(self, schedule) -> dict:
+        """The estimator's demands on the sampler's chain (e.g. σ_k > 0 for likelihood-ratio steps), for every
+        window a flow run can draw, as a config error naming the estimator. Returns the run's coverage
+        statement (:meth:`coverage`)."""
+        est = self.make_estimator()
+        fixed: set[int] = set()
+        for w in self.windows(schedule):
+            try:
+                est.check(schedule if w is None else schedule.with_window(w))
+            except ValueError as e:
+                msg = str(e).removeprefix("estimator: ")
+                m = self.model
+                where = (f"model: {m.sampler}, eta {m.eta}, last_step_eta {m.last_step_eta}, "
+                         f"{m.num_inference_steps} steps" if m.sampler != "flow" else
+                         f"model: flow {m.flow.transition}, eta {m.eta}, {m.num_inference_steps} steps, window "
+                         f"{m.flow.window.kind}" + ("" if w is None else f" {sorted(w)}"))
+                raise ConfigError(f"estimator: {msg} ({where})") from None
+            fixed |= set(est.describe().get("fixed_steps") or ())
+        return self.coverage(schedule, sorted(fixed), est)
+
+    def coverage(self, schedule, fixed: list[int], est=None) -> dict:
+        """What the estimator covers on this chain, for the run's logged params and tags: the steps no term
+        covers (``fixed_steps``, over every window the run can draw) and a one-line bias statement."""
+        est = est or self.make_estimator()
+        stoch = [k for k in range(1, schedule.T + 1) if schedule.stochastic(k)]
+        if "fixed_steps" not in est.describe():
+            bias = f"not stated: estimator {self.estimator.name!r} reports no fixed steps"
+        elif fixed:
+            bias = (f"biased: steps {fixed} are fixed (no term covers them; their gradient is dropped). Use "
+                    "deterministic: absorb, or an estimator that back-propagates them, for an unbiased gradient")
+        else:
+            bias = "none: every step is covered (likelihood ratio on stochastic steps, pathwise elsewhere)"
+        return {"fixed_steps": fixed, "bias": bias, "stochastic_steps": stoch,
+                "deterministic": est.describe().get("deterministic", "-"), "windows": len(self.windows(schedule))}
 
     def make_estimator(self):
         return self.estimator.build()

@@ -4,7 +4,8 @@ A :class:`Learner` owns what persists between iterations — the estimator (its 
 the softmax law of the RLR block start reads), the regulariser and the advantage baselines — and does, in
 order, each iteration:
 
-    works(it)   draw the trajectory plans (j, sampled steps, SPSA seeds) and put them in the samplers' work
+    works(it)   draw the trajectory plans (a flow sampler's stochastic window, j, sampled steps, SPSA seeds)
+                and put them in the samplers' work
     learn(...)  back-propagate the estimator's terms over the scored chunks this process holds
     finish(...) update baselines and step norms from the whole iteration, and return its metrics
 
@@ -40,14 +41,35 @@ class Learner:
     def need_grad(self) -> bool:
         return self.estimator.needs_reward_grad
 
+    def window(self, iteration: int) -> frozenset[int] | None:
+        """The stochastic window of a flow sampler at ``iteration`` when it varies (``model.flow.window``:
+        sliding, or random from the iteration's seed); ``None`` otherwise (the configured schedule)."""
+        m = self.cfg.model
+        if m.sampler != "flow" or not m.flow.window.varies:
+            return None
+        return m.flow.window.draw(self.T, iteration, self.cfg.train.seed)
+
+    def schedule_at(self, iteration: int):
+        """The chain schedule of ``iteration`` (the configured one, or with that iteration's window)."""
+        w = self.window(iteration)
+        return self.schedule if w is None else self.schedule.with_window(w)
+
     def works(self, iteration: int, chunks: int) -> list[step.Work]:
         """Iteration ``iteration``'s work in ``chunks`` sampler calls, each carrying the plan the estimator
-        drew for it (from the work's own seed, so every learner draws the same plans)."""
+        drew for it (from the work's own seed, so every learner draws the same plans) and, for a varying flow
+        window, that iteration's window (samplers and learners build their chain from it)."""
         t = self.cfg.train
         works = step.iteration_work(self.prompts, iteration, t.seed, t.prompts_per_iteration, t.samples_per_prompt,
                                     chunks)
-        works = [step.with_plan(w, self.estimator, self.schedule) for w in works]
-        self._plan_metrics[iteration] = self.estimator.plan_metrics([w.plan for w in works], self.schedule)
+        window, schedule = self.window(iteration), self.schedule_at(iteration)
+        works = [step.with_plan(w, self.estimator, schedule, window) for w in works]
+        metrics = self.estimator.plan_metrics([w.plan for w in works], schedule)
+        fixed = self.estimator.describe().get("fixed_steps")
+        if fixed is not None:  # steps left without gradient this iteration (biased; docs/flow.md)
+            metrics["plan/fixed_steps"] = float(len(fixed))
+        if window is not None:
+            metrics["plan/window_start"] = float(self.T - max(window))
+        self._plan_metrics[iteration] = metrics
         return works
 
     def learn(self, model: DiffusionModel, chunks: Sequence[step.Chunk], summaries: Sequence[dict],

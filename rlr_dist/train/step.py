@@ -70,9 +70,12 @@ def iteration_work(prompts: Sequence[str], iteration: int, seed: int, prompts_pe
     return out
 
 
-def with_plan(work: Work, estimator: Estimator, schedule) -> Work:
-    """``work`` with the plan ``estimator`` draws for it from the work's own seed (the same on every learner)."""
+def with_plan(work: Work, estimator: Estimator, schedule, window: frozenset[int] | None = None) -> Work:
+    """``work`` with the plan ``estimator`` draws for it from the work's own seed (the same on every learner).
+    ``window``: this iteration's stochastic steps of a flow sampler (``schedule`` must already carry them); the
+    plan carries it to the sampler, which builds the same chain (``None``: the model's configured one)."""
     work.plan = estimator.plan(schedule, torch.Generator().manual_seed(work.seed))
+    work.plan.window = None if window is None else frozenset(window)
     return work
 
 
@@ -86,20 +89,21 @@ def rollout(model: DiffusionModel, work: Work, version: int, with_reference: boo
         cond = model.encode_prompts(list(work.prompts))
     x_T = model.initial_noise(len(work.prompts), gen)
     ids = torch.tensor(list(work.prompt_ids), dtype=torch.long)
-    traj = sample(model.chain(), x_T, work.plan, cond, gen, with_reference=with_reference, prompt_ids=ids,
-                  seed=work.seed)
+    traj = sample(model.chain(window=work.plan.window), x_T, work.plan, cond, gen, with_reference=with_reference,
+                  prompt_ids=ids, seed=work.seed)
     traj.meta["iteration"] = work.iteration
     return Chunk(traj=traj.to("cpu"), prompts=list(work.prompts), version=version,
                  stats={"time/sample": time.perf_counter() - t0})
 
 
 def draw(model: DiffusionModel, prompts: Sequence[str], seed: int) -> Tensor:
-    """``x_0`` of fresh samples (nothing recorded) from ``seed``: evaluation, pictures, ``rlr-dist sample``."""
+    """``x_0`` of fresh samples (nothing recorded) from ``seed``: evaluation, pictures, ``rlr-dist sample``
+    (with the model's evaluation sampler: for flow models the one ``model.flow.eval`` names)."""
     g = torch.Generator(device=model.device).manual_seed(seed)
     x_T = model.initial_noise(len(prompts), g)
     with torch.no_grad():
         cond = model.encode_prompts(list(prompts))
-        return sample(model.chain(), x_T, Plan(), cond, g).x0.cpu()
+        return sample(model.eval_chain(), x_T, Plan(), cond, g).x0.cpu()
 
 
 def score(scorer: RewardScorer, chunk: Chunk, need_grad: bool, device: str | torch.device = "cpu") -> Chunk:
@@ -133,13 +137,18 @@ def learn(model: DiffusionModel, estimator: Estimator, regulariser: Regulariser,
     """Back-propagate the estimator's surrogate loss over ``chunks`` (gradients accumulate in ``.grad``;
     the caller steps the optimiser). Each chunk is one :class:`Batch`, weighted by its share of the
     iteration's samples (``all_rewards``: every learner's, which also sets a batch-wide reward scale).
-    Returns per-term ``loss/<term>`` (and ``gnorm/<term>`` with ``track_norms``) summed over the chunks."""
-    chain = model.chain()
+    Returns per-term ``loss/<term>`` (and ``gnorm/<term>`` with ``track_norms``) summed over the chunks.
+    Each chunk's chain is the one it was sampled with (its plan's flow window)."""
+    chains: dict = {}
     total = len(all_rewards)
     params = model.trainable_parameters() if track_norms else None
     out: dict[str, float] = {}
     for c in chunks:
         w = c.traj.batch_size / total
+        window = c.traj.plan.window
+        if window not in chains:
+            chains[window] = model.chain(window=window)
+        chain = chains[window]
         b = Batch(traj=c.traj.to(model.device), chain=chain, reward=c.reward.to(model.device),
                   reward_grad=None if c.reward_grad is None else c.reward_grad.to(model.device),
                   regulariser=regulariser, advantages=advantages)
