@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def _bench_estimators(args: argparse.Namespace) -> int:
@@ -29,7 +30,8 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
 def _bench_study(args: argparse.Namespace) -> int:
     from rlr_dist.bench.study import main
 
-    print(main(args.study, None if args.out == "-" else args.out, args.workers, args.reuse))
+    out = args.out or f"docs/results/{Path(args.study).stem}.md"  # study-flow.yaml -> docs/results/study-flow.md
+    print(main(args.study, None if out == "-" else out, args.workers, args.reuse))
     return 0
 
 
@@ -343,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs = bsub.add_parser("study", help="estimators compared on the same work at an equal reward-query budget")
     bs.add_argument("study", nargs="?", default="jobs/configs/study-digits.yaml", help="study file")
     bs.add_argument("--workers", type=int, default=None, help="worker processes (default: the study file's)")
-    bs.add_argument("--out", default="docs/results/study-digits.md", help="report path (.md; .csv/.json/.png "
-                    "beside it), '-' for none")
+    bs.add_argument("--out", default=None, help="report path (.md; .csv/.json/.png beside it; default "
+                    "docs/results/<study file name>.md), '-' for none")
     bs.add_argument("--reuse", action="store_true", help="take the training runs from the report's earlier .json "
                     "(re-run only the gradient draws and the report)")
     bs.set_defaults(func=_bench_study)

@@ -36,13 +36,15 @@ EVAL_COLUMNS = {"heldout": "eval/heldout", "heldout_logp": "eval/logp_target", "
 @dataclass
 class StudyConfig:
     """base: training config (path relative to the study file); overrides: dotted overrides of it.
-    methods / regularisers: label -> a whole ``estimator`` / ``regulariser`` section. Every method runs
-    with every regulariser and every seed."""
+    methods / regularisers: label -> a whole ``estimator`` / ``regulariser`` section. variants: label ->
+    more dotted overrides (e.g. the flow sampler's SDE window), one study axis beside the regularisers. Every
+    method runs with every variant, every regulariser and every seed."""
 
     base: str
     methods: dict[str, dict]
     regularisers: dict[str, dict] = field(default_factory=lambda: {"none": {"name": "none"}})
     overrides: list[str] = field(default_factory=list)
+    variants: dict[str, list[str]] = field(default_factory=lambda: {"base": []})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     eval_every: int = 5
     eval_samples: int = 64
@@ -56,6 +58,10 @@ class StudyConfig:
         check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
         check(self.gradient_draws == 0 or self.gradient_draws >= 2, "gradient_draws",
               f"must be 0 (off) or >= 2, got {self.gradient_draws}")
+        check(len(self.variants) > 0, "variants", "must name at least one variant (label: [overrides])")
+        for label, ov in self.variants.items():
+            check(isinstance(ov, list) and all(isinstance(o, str) and o.startswith("--") for o in ov),
+                  f"variants.{label}", "must be a list of dotted overrides, e.g. ['--model.flow.window={kind: all}']")
         for group in ("methods", "regularisers"):
             for label, section in getattr(self, group).items():
                 check(isinstance(section, dict) and "name" in section, f"{group}.{label}",
@@ -72,17 +78,19 @@ def load_study(path: str | Path):
     if not base.is_file():
         raise ConfigError(f"base: {base} does not exist")
     cells = []
-    for reg_label, reg in study.regularisers.items():
-        for label, est in study.methods.items():
-            for seed in study.seeds:
-                ov = list(study.overrides) + [f"--estimator={json.dumps(est)}", f"--regulariser={json.dumps(reg)}",
-                                              f"--train.seed={seed}", "--train.eval_every=0"]
+    for var_label, var in study.variants.items():
+        for reg_label, reg in study.regularisers.items():
+            for label, est in study.methods.items():
+                ov = list(study.overrides) + var + [f"--estimator={json.dumps(est)}", f"--regulariser={json.dumps(reg)}",
+                                                    "--train.eval_every=0"]
+                where = f"methods.{label} with regularisers.{reg_label}" + (
+                    f" and variants.{var_label}" if len(study.variants) > 1 else "")
                 try:
                     load_config(base, ov)  # every cell validates before any runs
                 except ConfigError as e:
-                    raise ConfigError(f"methods.{label} with regularisers.{reg_label}: {e}") from None
-                cells.append({"method": label, "regulariser": reg_label, "seed": seed, "overrides": ov,
-                              "base": str(base)})
+                    raise ConfigError(f"{where}: {e}") from None
+                cells += [{"variant": var_label, "method": label, "regulariser": reg_label, "seed": seed,
+                           "overrides": ov + [f"--train.seed={seed}"], "base": str(base)} for seed in study.seeds]
     return study, cells
 
 
@@ -116,7 +124,7 @@ def run_cell(cell: dict, eval_every: int, eval_samples: int) -> dict:
         train_local(cfg, on_iteration=on_iteration, model=model)
     wall = time.perf_counter() - t0  # includes the evaluations, the same for every method
     last = curve[-1]
-    return {**{k: cell[k] for k in ("method", "regulariser", "seed")}, "before": before, "curve": curve,
+    return {**{k: cell[k] for k in KEYS}, "before": before, "curve": curve,
             "wall_s": wall, "peak_activation_mb": meter.peak / 2**20, "queries": last["queries"],
             "final": {k: last[k] for k in ("reward", "kl", "heldout", "heldout_logp", "class_entropy", "pairwise_l2")}}
 
@@ -150,7 +158,7 @@ def gradient_draws(cell: dict, draws: int) -> dict:
                    all_rewards=torch.cat([c.reward for c in chunks]))
         grads.append(torch.cat([p.grad.flatten().double() for p in params]))
     G = torch.stack(grads)
-    return {"method": cell["method"], "regulariser": cell["regulariser"], "mean": G.mean(0),
+    return {"variant": cell["variant"], "method": cell["method"], "regulariser": cell["regulariser"], "mean": G.mean(0),
             "tr_cov": float(G.var(0).sum()), "draws": draws, "seconds_per_draw": (time.perf_counter() - t0) / draws}
 
 
@@ -205,27 +213,29 @@ def main(path: str | Path, out: str | Path | None = None, workers: int | None = 
         results, train_s = saved["results"], saved["meta"].get("train_wall_s", saved["meta"]["wall_s"])
     else:
         print(f"[study] {len(cells)} runs ({len(study.methods)} methods x {len(study.regularisers)} regularisers x "
-              f"{len(study.seeds)} seeds) on {workers} worker process(es)", flush=True)
+              f"{len(study.variants)} variants x {len(study.seeds)} seeds) on {workers} worker process(es)", flush=True)
         results = _pooled(run_cell, [(c, study.eval_every, study.eval_samples) for c in cells],
-                          workers, lambda r: f"{r['method']} / {r['regulariser']} / seed {r['seed']}: held-out "
+                          workers, lambda r: f"{r['method']} / {r['regulariser']} / {r['variant']} / seed {r['seed']}: held-out "
                           f"{r['before']['heldout']:.3f} -> {r['final']['heldout']:.3f}, KL {r['final']['kl']:.2f}, "
                           f"{r['wall_s']:.0f} s")
         train_s = time.perf_counter() - t0
     spread = []
     if study.gradient_draws:
         first = {}
-        for c in cells:  # the first regulariser and seed of every method
-            first.setdefault(c["method"], c)
+        for c in cells:  # the first regulariser and seed of every (variant, method)
+            first.setdefault((c["variant"], c["method"]), c)
         print(f"[study] {study.gradient_draws} gradient estimates per method at the pretrained weights", flush=True)
         rows = _pooled(gradient_draws, [(c, study.gradient_draws) for c in first.values()], workers,
-                       lambda r: f"gradients of {r['method']}: tr Cov {r['tr_cov']:.4g}")
-        reference = "full_bp" if "full_bp" in first else rows[0]["method"]
-        spread = spread_table(rows, reference)
+                       lambda r: f"gradients of {r['method']} ({r['variant']}): tr Cov {r['tr_cov']:.4g}")
+        for variant in study.variants:
+            vrows = [r for r in rows if r["variant"] == variant]
+            reference = "full_bp" if any(r["method"] == "full_bp" for r in vrows) else vrows[0]["method"]
+            spread += ([f"### variant `{variant}`", ""] if len(study.variants) > 1 else []) + spread_table(vrows, reference) + [""]
     meta = {"study": str(path), "date": str(date.today()), "cpus": os.cpu_count(), "workers": workers,
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "train_wall_s": train_s, "wall_s": time.perf_counter() - t0,
-            "config": {k: getattr(study, k) for k in ("base", "overrides", "methods", "regularisers", "seeds",
-                                                      "eval_samples", "gradient_draws")}}
+            "config": {k: getattr(study, k) for k in ("base", "overrides", "variants", "methods", "regularisers",
+                                                      "seeds", "eval_samples", "gradient_draws")}}
     text = report(results, meta, spread)
     if out:
         out = Path(out)
@@ -234,8 +244,15 @@ def main(path: str | Path, out: str | Path | None = None, workers: int | None = 
                                                        indent=1))
         write_csv(results, out.with_suffix(".csv"))
         plot(results, out.with_suffix(".png"))
-        out.with_suffix(".md").write_text(text.replace("PLOT", out.with_suffix(".png").name))
+        md = out.with_suffix(".md")
+        old = md.read_text() if md.is_file() else ""  # the hand-written reading survives a rerun
+        reading = old[old.index(READING):] if READING in old else ""
+        md.write_text(text.replace("PLOT", out.with_suffix(".png").name) + ("\n" + reading if reading else ""))
     return text
+
+
+READING = "## Reading"
+KEYS = ("variant", "method", "regulariser", "seed")
 
 
 FINAL = ("heldout", "heldout_logp", "reward", "kl", "pairwise_l2", "class_entropy")
@@ -244,16 +261,17 @@ FINAL = ("heldout", "heldout_logp", "reward", "kl", "pairwise_l2", "class_entrop
 def write_csv(results: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "regulariser", "seed", "queries", *FINAL, "heldout_before", "wall_s", "peak_activation_mb"])
+        w.writerow([*KEYS, "queries", *FINAL, "heldout_before", "wall_s", "peak_activation_mb"])
         for r in results:
-            w.writerow([r["method"], r["regulariser"], r["seed"], r["queries"], *(r["final"][k] for k in FINAL),
+            w.writerow([*(r.get(k, "base") for k in KEYS), r["queries"], *(r["final"][k] for k in FINAL),
                         r["before"]["heldout"], round(r["wall_s"], 2), round(r["peak_activation_mb"], 3)])
 
 
-def _groups(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    out: dict[tuple[str, str], list[dict]] = {}
+def _groups(results: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    """(variant, regulariser, method) -> that cell's runs over seeds (results of studies without variants: "base")."""
+    out: dict[tuple[str, str, str], list[dict]] = {}
     for r in results:
-        out.setdefault((r["regulariser"], r["method"]), []).append(r)
+        out.setdefault((r.get("variant", "base"), r["regulariser"], r["method"]), []).append(r)
     return out
 
 
@@ -284,13 +302,16 @@ def report(results: list[dict], meta: dict, spread: list[str] = ()) -> str:
         "evaluator's predicted classes; memory = peak bytes autograd held for backward in a learner step.", "",
         "Methods: " + "; ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in cfg["methods"].items()) + ".", "",
         "Regularisers: " + "; ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in cfg["regularisers"].items()) + ".", "",
-        "| regulariser | method | held-out (before → after) | train reward | KL | pairwise L2 | class entropy | "
-        "wall s | peak act. MB |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (reg, method), rs in _groups(results).items():
+    variants = cfg.get("variants") or {"base": []}
+    many = len(variants) > 1
+    if many:
+        lines += ["Variants: " + "; ".join(f"`{k}` = `{' '.join(v)}`" for k, v in variants.items()) + ".", ""]
+    lines += [("| variant " if many else "") + "| regulariser | method | held-out (before → after) | train reward | KL | "
+              "pairwise L2 | class entropy | wall s | peak act. MB |", ("|---" if many else "") + "|---" * 9 + "|"]
+    for (var, reg, method), rs in _groups(results).items():
         f = lambda k: _ms([r["final"][k] for r in rs])  # noqa: E731
-        lines.append(f"| {reg} | {method} | {_ms([r['before']['heldout'] for r in rs], spread=False)} → "
+        lines.append(("| " + var + " " if many else "") + f"| {reg} | {method} | {_ms([r['before']['heldout'] for r in rs], spread=False)} → "
                      f"{f('heldout')} | {f('reward')} | {f('kl')} | {f('pairwise_l2')} | {f('class_entropy')} | "
                      f"{_ms([r['wall_s'] for r in rs], spread=False)} | "
                      f"{_ms([r['peak_activation_mb'] for r in rs], spread=False)} |")
@@ -303,18 +324,19 @@ def report(results: list[dict], meta: dict, spread: list[str] = ()) -> str:
 
 
 def plot(results: list[dict], path: Path) -> Path:
-    """Held-out score vs reward queries, one panel per regulariser, mean line and min–max band over seeds."""
+    """Held-out score vs reward queries, one panel per (variant, regulariser), mean line and min–max band over
+    seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = _groups(results)
-    regs = list(dict.fromkeys(reg for reg, _ in groups))
-    fig, axes = plt.subplots(1, len(regs), figsize=(5.5 * len(regs), 4), squeeze=False, sharey=True)
-    for ax, reg in zip(axes[0], regs):
-        for (g_reg, method), rs in groups.items():
-            if g_reg != reg:
+    panels = list(dict.fromkeys((var, reg) for var, reg, _ in groups))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, sharey=True)
+    for ax, panel in zip(axes[0], panels):
+        for (var, reg, method), rs in groups.items():
+            if (var, reg) != panel:
                 continue
             pts = [[(0, r["before"]["heldout"])] + [(c["queries"], c["heldout"]) for c in r["curve"] if "heldout" in c]
                    for r in rs]
@@ -323,7 +345,7 @@ def plot(results: list[dict], path: Path) -> Path:
             ys = torch.tensor([[p[i][1] for i in range(n)] for p in pts])
             line, = ax.plot(xs, ys.mean(0), marker="o", ms=3, label=method)
             ax.fill_between(xs, ys.min(0).values, ys.max(0).values, color=line.get_color(), alpha=0.15)
-        ax.set_title(f"regulariser: {reg}")
+        ax.set_title(f"regulariser: {panel[1]}" + (f", {panel[0]}" if len(set(v for v, _ in panels)) > 1 else ""))
         ax.set_xlabel("reward queries")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out evaluator: fraction of target digit")
