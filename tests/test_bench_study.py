@@ -57,3 +57,57 @@ gradient_draws: 2
     assert "| rlr_h2 |" in grads and "| tbp_k1 |" in grads and "1 (itself)" in grads
     again = main(p, tmp_path / "out" / "study.md", reuse=True)  # the training runs are not repeated
     assert again.split("## Gradient estimates")[0].split("Base config")[1] == text.split("## Gradient estimates")[0].split("Base config")[1]
+
+
+def test_variants_must_be_override_lists(tmp_path):
+    with pytest.raises(ConfigError, match=r"variants\.w"):
+        load_study(_write(tmp_path, "base: digits.yaml\nmethods: {rlr: {name: rlr}}\nvariants: {w: 'kind: all'}\n"))
+    with pytest.raises(ConfigError, match=r"methods\.rlr with regularisers\.none and variants\.bad: model\.nope"):
+        load_study(_write(tmp_path, "base: digits.yaml\nmethods: {rlr: {name: rlr}}\n"
+                                    "variants: {ok: [], bad: ['--model.nope=1']}\n"))
+
+
+def test_shipped_flow_study_crosses_windows_with_methods():
+    study, cells = load_study("jobs/configs/study-flow.yaml")
+    assert len(cells) == len(study.methods) * len(study.variants) * len(study.seeds) >= 5 * 3 * 3
+    windows = {c["variant"]: [o for o in c["overrides"] if o.startswith("--model.flow.window")] for c in cells}
+    assert len({tuple(w) for w in windows.values()}) == len(study.variants)
+
+
+def test_flow_study_with_window_variants_keeps_the_reading(tmp_path):
+    """Two SDE windows on the flow toy: a row and a gradient table per window; a rerun keeps the reading."""
+    flow = __import__("pathlib").Path(__file__).parents[1] / "jobs/configs/digits-flow.yaml"
+    (tmp_path / "digits-flow.yaml").write_text(flow.read_text())
+    p = tmp_path / "study.yaml"
+    p.write_text("""base: digits-flow.yaml
+overrides: ["--train.iterations=2", "--train.samples_per_prompt=4", "--model.num_inference_steps=6"]
+variants: {sde1: ["--model.flow.window={kind: random, length: 1, hi: 4}"], all: ["--model.flow.window={kind: all}"]}
+methods: {rlr_h1: {name: rlr, h: 1, deterministic: absorb}, full_bp: {name: full_bp}}
+regularisers: {kl: {name: kl_exact, beta: 0.3}}
+seeds: [0]
+eval_every: 2
+eval_samples: 8
+workers: 1
+gradient_draws: 2
+""")
+    # a window the estimator cannot use (the last step alone: RLR has no stochastic j >= 2) stops the study first
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(p.read_text().replace("length: 1, hi: 4", "length: 1"))
+    with pytest.raises(ConfigError, match=r"methods\.rlr_h1 with regularisers\.kl and variants\.sde1: estimator: "
+                                          r"no stochastic block start .* window random \[1\]"):
+        load_study(bad)
+    md = tmp_path / "out" / "study.md"
+    text = main(p, md)
+    for row in ("| sde1 | kl | rlr_h1 |", "| sde1 | kl | full_bp |", "| all | kl | rlr_h1 |", "| all | kl | full_bp |"):
+        assert row in text
+    rows = list(csv.DictReader(open(tmp_path / "out" / "study.csv")))
+    assert [(r["variant"], r["method"]) for r in rows] == [("sde1", "rlr_h1"), ("sde1", "full_bp"),
+                                                            ("all", "rlr_h1"), ("all", "full_bp")]
+    # KL sums over the stochastic steps only: one SDE step holds less of it than six
+    kl = {(r["variant"], r["method"]): float(r["kl"]) for r in rows}
+    assert 0 < kl[("sde1", "rlr_h1")] < kl[("all", "rlr_h1")]
+    grads = text.split("## Gradient estimates")[1]
+    assert grads.index("### variant `sde1`") < grads.index("### variant `all`") and grads.count("1 (itself)") == 2
+    md.write_text(md.read_text() + "\n## Reading\n\nwritten by hand\n")
+    main(p, md, reuse=True)
+    assert md.read_text().rstrip().endswith("## Reading\n\nwritten by hand") and md.read_text().count("## Reading") == 1

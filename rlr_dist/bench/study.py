@@ -69,7 +69,10 @@ class StudyConfig:
 
 
 def load_study(path: str | Path):
-    """The study and the resolved training config of every cell (validated before anything runs)."""
+    """The study and the resolved training config of every cell, validated before anything runs: each cell's
+    config, and its estimator against the sampler's chain for every window the cell can draw (from the model
+    folder's configs, no weights)."""
+    from rlr_dist.models import ModelError, folder_schedule, resolve_model_folder
     from rlr_dist.train.config import load_config
 
     path = Path(path)
@@ -85,9 +88,10 @@ def load_study(path: str | Path):
                                                     "--train.eval_every=0"]
                 where = f"methods.{label} with regularisers.{reg_label}" + (
                     f" and variants.{var_label}" if len(study.variants) > 1 else "")
-                try:
-                    load_config(base, ov)  # every cell validates before any runs
-                except ConfigError as e:
+                try:  # every cell validates before any runs
+                    cfg = load_config(base, ov)
+                    cfg.check_schedule(folder_schedule(resolve_model_folder(cfg.model.path), cfg.model))
+                except (ConfigError, ModelError) as e:
                     raise ConfigError(f"{where}: {e}") from None
                 cells += [{"variant": var_label, "method": label, "regulariser": reg_label, "seed": seed,
                            "overrides": ov + [f"--train.seed={seed}"], "base": str(base)} for seed in study.seeds]
