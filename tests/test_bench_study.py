@@ -103,9 +103,13 @@ gradient_draws: 2
     rows = list(csv.DictReader(open(tmp_path / "out" / "study.csv")))
     assert [(r["variant"], r["method"]) for r in rows] == [("sde1", "rlr_h1"), ("sde1", "full_bp"),
                                                             ("all", "rlr_h1"), ("all", "full_bp")]
-    # KL sums over the stochastic steps only: one SDE step holds less of it than six
+    # the training KL sums over the stochastic steps only: one SDE step holds less of it than six; the chain KL
+    # is taken with every step stochastic, so it is positive for every trained cell, and larger than the
+    # training KL of one SDE step
     kl = {(r["variant"], r["method"]): float(r["kl"]) for r in rows}
+    chain = {(r["variant"], r["method"]): float(r["kl_chain"]) for r in rows}
     assert 0 < kl[("sde1", "rlr_h1")] < kl[("all", "rlr_h1")]
+    assert all(v > 0 for v in chain.values()) and chain[("sde1", "rlr_h1")] > kl[("sde1", "rlr_h1")]
     grads = text.split("## Gradient estimates")[1]
     assert grads.index("### variant `sde1`") < grads.index("### variant `all`") and grads.count("1 (itself)") == 2
     md.write_text(md.read_text() + "\n## Reading\n\nwritten by hand\n")

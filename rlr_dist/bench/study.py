@@ -113,6 +113,7 @@ def run_cell(cell: dict, eval_every: int, eval_samples: int) -> dict:
 
     cfg = load_config(cell["base"], cell["overrides"] + [f"--train.eval_every={eval_every}",
                                                            f"--train.eval_samples={eval_samples}"])
+    eval_prompts = cfg.data.eval_prompts or cfg.data.load_prompts()
     per_it = cfg.train.batch_size
     curve: list[dict] = []
 
@@ -127,10 +128,29 @@ def run_cell(cell: dict, eval_every: int, eval_samples: int) -> dict:
     with SavedTensorMeter(exclude=model.unet.parameters()) as meter:  # weights exist anyway
         train_local(cfg, on_iteration=on_iteration, model=model)
     wall = time.perf_counter() - t0  # includes the evaluations, the same for every method
-    last = curve[-1]
+    last = {**curve[-1], "kl_chain": chain_kl(model, eval_prompts, eval_samples)}
     return {**{k: cell[k] for k in KEYS}, "before": before, "curve": curve,
             "wall_s": wall, "peak_activation_mb": meter.peak / 2**20, "queries": last["queries"],
-            "final": {k: last[k] for k in ("reward", "kl", "heldout", "heldout_logp", "class_entropy", "pairwise_l2")}}
+            "final": {k: last.get(k) for k in FINAL}}
+
+
+def chain_kl(model, prompts: list[str], n: int, seed: int = 123_456) -> float:
+    """The sampled KL to the pretrained model over the *whole* chain, the same for every cell of a study:
+    mean over ``n`` fresh trajectories (fixed seed) of ``Σ_k δ_k / 2`` with every step stochastic (a flow
+    sampler's transition on all steps, whatever window training used). The run's ``kl/sampled`` covers only
+    the last iteration's window, so it cannot be compared across windows (or across seeds of a random one)."""
+    from rlr_dist.chain.flow import FlowSchedule
+    from rlr_dist.chain.trajectory import Plan, sample
+
+    schedule = model.schedule()
+    if isinstance(schedule, FlowSchedule):
+        schedule = schedule.with_window(None)
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    batch = [prompts[i % len(prompts)] for i in range(n)]
+    with torch.no_grad():
+        cond = model.encode_prompts(batch)
+        traj = sample(model.chain(schedule=schedule), model.initial_noise(n, g), Plan(), cond, g, with_reference=True)
+    return float(traj.delta.double().sum(1).mean() / 2)
 
 
 def gradient_draws(cell: dict, draws: int) -> dict:
@@ -259,7 +279,7 @@ READING = "## Reading"
 KEYS = ("variant", "method", "regulariser", "seed")
 
 
-FINAL = ("heldout", "heldout_logp", "reward", "kl", "pairwise_l2", "class_entropy")
+FINAL = ("heldout", "heldout_logp", "reward", "kl", "kl_chain", "pairwise_l2", "class_entropy")
 
 
 def write_csv(results: list[dict], path: Path) -> None:
@@ -267,7 +287,7 @@ def write_csv(results: list[dict], path: Path) -> None:
         w = csv.writer(f)
         w.writerow([*KEYS, "queries", *FINAL, "heldout_before", "wall_s", "peak_activation_mb"])
         for r in results:
-            w.writerow([*(r.get(k, "base") for k in KEYS), r["queries"], *(r["final"][k] for k in FINAL),
+            w.writerow([*(r.get(k, "base") for k in KEYS), r["queries"], *(r["final"].get(k) for k in FINAL),
                         r["before"]["heldout"], round(r["wall_s"], 2), round(r["peak_activation_mb"], 3)])
 
 
@@ -302,7 +322,9 @@ def report(results: list[dict], meta: dict, spread: list[str] = ()) -> str:
         f"{results[0]['queries']} reward queries, same learning rate and optimiser. Held-out = the base config's `eval_reward` on "
         f"{cfg['eval_samples']} fresh samples (fixed seeds; for the digits world the fraction the MNIST-trained "
         "evaluator reads as the target digit); KL = sampled Σ_k δ_k/2 to "
-        "the pretrained model; diversity = mean pairwise L2 of those samples and the entropy (bits) of the "
+        "the pretrained model on the last iteration's training trajectories (its stochastic steps only); chain KL = "
+        f"the same on {cfg['eval_samples']} fresh trajectories with every step stochastic, fixed seed (comparable "
+        "across windows and methods); diversity = mean pairwise L2 of those samples and the entropy (bits) of the "
         "evaluator's predicted classes; memory = peak bytes autograd held for backward in a learner step.", "",
         "Methods: " + "; ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in cfg["methods"].items()) + ".", "",
         "Regularisers: " + "; ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in cfg["regularisers"].items()) + ".", "",
@@ -312,11 +334,11 @@ def report(results: list[dict], meta: dict, spread: list[str] = ()) -> str:
     if many:
         lines += ["Variants: " + "; ".join(f"`{k}` = `{' '.join(v)}`" for k, v in variants.items()) + ".", ""]
     lines += [("| variant " if many else "") + "| regulariser | method | held-out (before → after) | train reward | KL | "
-              "pairwise L2 | class entropy | wall s | peak act. MB |", ("|---" if many else "") + "|---" * 9 + "|"]
+              "chain KL | pairwise L2 | class entropy | wall s | peak act. MB |", ("|---" if many else "") + "|---" * 10 + "|"]
     for (var, reg, method), rs in _groups(results).items():
-        f = lambda k: _ms([r["final"][k] for r in rs])  # noqa: E731
+        f = lambda k: _ms([r["final"].get(k) for r in rs])  # noqa: E731
         lines.append(("| " + var + " " if many else "") + f"| {reg} | {method} | {_ms([r['before']['heldout'] for r in rs], spread=False)} → "
-                     f"{f('heldout')} | {f('reward')} | {f('kl')} | {f('pairwise_l2')} | {f('class_entropy')} | "
+                     f"{f('heldout')} | {f('reward')} | {f('kl')} | {f('kl_chain')} | {f('pairwise_l2')} | {f('class_entropy')} | "
                      f"{_ms([r['wall_s'] for r in rs], spread=False)} | "
                      f"{_ms([r['peak_activation_mb'] for r in rs], spread=False)} |")
     lines += ["", "Mean ± standard deviation over seeds.", "", "![held-out reward vs reward queries](PLOT)", ""]
