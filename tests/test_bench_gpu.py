@@ -26,7 +26,7 @@ def one_thread():
 
 def test_cpu_run_writes_every_table(tmp_path):
     out = tmp_path / "gpu.md"
-    res = gpu.run(["sd15", "wan21-t2v-1.3b"], str(out), tiny=None, batches=(1, 2), say=lambda s: None)
+    res = gpu.run(["sd15", "wan21-t2v-1.3b"], str(out), tiny=None, batches=(1, 2), learner_batch=2, say=lambda s: None)
     assert res["tiny"] and res["device"]["type"] == "cpu" and res["peak_tflops"] > 0
     text = out.read_text()
     for heading in ("# GPU benchmark (tiny CPU stand-ins)", "## Sampler", "## Learner", "SavedTensorMeter"):
@@ -69,7 +69,7 @@ def test_out_of_memory_is_a_result(tmp_path, monkeypatch):
     assert status[1] == "does not fit" and status.count("does not fit") == 1
     assert all(s == "ok" for i, s in enumerate(status) if i != 1)
     assert len(calls) == len(status)        # every later case still ran
-    assert "| sd15 | LoRA r=4 | rlr h=2 | 2 | does not fit |" in (tmp_path / "gpu.md").read_text()
+    assert "| sd15 | LoRA r=4 | rlr h=2 | 1 | does not fit |" in (tmp_path / "gpu.md").read_text()
     assert any("rlr h=2: does not fit" in line for line in lines)
 
 
