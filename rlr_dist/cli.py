@@ -42,6 +42,12 @@ def _bench_faults(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_gpu(args: argparse.Namespace) -> int:
+    from rlr_dist.bench.gpu import main
+
+    return main(args)
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from rlr_dist.toy_world.pretrain import main
 
@@ -355,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--workdir", default=None, help="folder for the runs (default: a new temporary folder)")
     bf.add_argument("--out", default="docs/results/faults.md", help="report path, '-' for none")
     bf.set_defaults(func=_bench_faults)
+    from rlr_dist.bench.gpu import add_arguments
+
+    bg = bsub.add_parser("gpu", help="sampler throughput, learner step time / peak memory and the planner's "
+                                     "estimate on one GPU (tiny stand-ins without CUDA); docs/gpu-bench.md")
+    add_arguments(bg)
+    bg.set_defaults(func=_bench_gpu)
     _add_pretrain(sub)
     _add_run_commands(sub)
     _add_plan(sub, bsub)
