@@ -142,6 +142,13 @@ def test_both_loops_run_one_iteration_skeleton(ray_cluster, tiny, tmp_path):
         ray_pts = {m.step: m.value for m in client.get_metric_history(out["run_id"], key) if m.step > 0}
         local_pts = {i + 1: h[key] for i, h in enumerate(history) if key in h}
         assert ray_pts.keys() == local_pts.keys(), key
+        if key == "loss/total":  # a sum of terms that can cancel (HO +68.2, ZO −68.8): its rounding error is
+            # bounded by rel × Σ|terms|, not by rel × |total|; each term is compared on its own above/below
+            parts = [k for k in local_keys if k.startswith("loss/") and k != key]
+            for i in sorted(local_pts):
+                scale = sum(abs(h[k]) for h in [history[i - 1]] for k in parts if k in h)
+                assert ray_pts[i] == pytest.approx(local_pts[i], abs=1e-4 * scale + 1e-6), (key, i)
+            continue
         assert [ray_pts[i] for i in sorted(ray_pts)] == pytest.approx(
             [local_pts[i] for i in sorted(local_pts)], rel=1e-4, abs=1e-6), key
     # dropped, not trained on: 3 of every 8 samples (indices 1, 4, 7 of the chunk)
