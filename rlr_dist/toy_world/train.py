@@ -98,6 +98,22 @@ class _Batches:
         return x, y
 
 
+def _train_step(loss: Tensor, net, opt, one_cycle, ema: float | None, step: int, steps: int, log_every: int,
+                t0: float, log: Log) -> float:
+    """One clipped optimiser step of a pretraining loop and its progress line; returns the loss EMA."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    one_cycle.step()
+    ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+    if step % log_every == 0 or step == steps:
+        el = time.time() - t0
+        log(f"  step {step:>5}/{steps}  loss {ema:.4f}  {step / el:.2f} steps/s  "
+            f"elapsed {_fmt_secs(el)}  eta {_fmt_secs(el / step * (steps - step))}")
+    return ema
+
+
 def train_ddpm(kind: str, steps: int, seed: int = 0, batch: int | None = None, lr: float = 2e-3,
                log: Log = _log, log_every: int = 100):
     """Train the DDPM of ``kind``; returns ``(unet, scheduler, seconds, final_loss, cpu_seconds)``."""
@@ -120,16 +136,7 @@ def train_ddpm(kind: str, steps: int, seed: int = 0, batch: int | None = None, l
         t = torch.randint(0, TRAIN_TIMESTEPS, (batch,), generator=g)
         xt = sched.add_noise(x0, noise, t)
         loss = F.mse_loss(unet(xt, t, class_labels=y).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        one_cycle.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % log_every == 0 or step == steps:
-            el = time.time() - t0
-            log(f"  step {step:>5}/{steps}  loss {ema:.4f}  {step / el:.2f} steps/s  "
-                f"elapsed {_fmt_secs(el)}  eta {_fmt_secs(el / step * (steps - step))}")
+        ema = _train_step(loss, unet, opt, one_cycle, ema, step, steps, log_every, t0, log)
     unet.eval()
     cpu = time.process_time() - c0
     log(f"  {time.time() - t0:.0f} s wall, {cpu:.0f} s CPU")
@@ -189,16 +196,7 @@ def train_flow(steps: int, seed: int = 0, batch: int = 128, lr: float = 1e-3, lo
         tokens, pooled = class_tokens(y)
         v = model(xt, encoder_hidden_states=tokens, pooled_projections=pooled, timestep=t * 1000).sample
         loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        one_cycle.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % log_every == 0 or step == steps:
-            el = time.time() - t0
-            log(f"  step {step:>5}/{steps}  loss {ema:.4f}  {step / el:.2f} steps/s  "
-                f"elapsed {_fmt_secs(el)}  eta {_fmt_secs(el / step * (steps - step))}")
+        ema = _train_step(loss, model, opt, one_cycle, ema, step, steps, log_every, t0, log)
     model.eval()
     cpu = time.process_time() - c0
     log(f"  {time.time() - t0:.0f} s wall, {cpu:.0f} s CPU")
