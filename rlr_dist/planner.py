@@ -93,8 +93,8 @@ COEF = {p: {m: dict(zip(_KINDS, v)) for m, v in modes.items()} for p, modes in _
 UNIT_KINDS = _KINDS[:-1]
 # units whose input is the image stream *and* the text stream (``encoder_hidden_states``): both are counted
 JOINT_KINDS = ("JointTransformerBlock", "JointTransformerBlockDual", "FluxTransformerBlock", "FluxSingleTransformerBlock")
-# Wan blocks are calibrated at ffn_dim = 4·dim; the published models have 5.83 (1.3B) and 2.70 (14B): measured
-# on tiny blocks the coefficient then is +9 % / −7 % off (a documented approximation, docs/results/plan.md)
+# Wan blocks are calibrated at ffn_dim = 4·dim; the published models have 5.83 (1.3B) and 2.70 (14B): profile()
+# scales a block's count by its ffn ratio (measured on tiny blocks: the saved bytes are linear in it)
 
 
 def unit_kind(module: nn.Module) -> str:
@@ -334,6 +334,11 @@ def profile(module: nn.Module, call) -> Profile:
             n = x.numel()
             if kind == "ResnetBlock2D":  # saves ~3 tensors of the input width and ~3 of the output width
                 n = n * (mod.in_channels + mod.out_channels) // (2 * mod.in_channels)
+            if kind == "TransformerTemporalModel":  # saves in proportion to its inner width (heads × head dim),
+                n = n * mod.proj_in.out_features // mod.proj_in.in_features  # which UNet3D's transformer_in widens
+            if kind == "WanTransformerBlock":  # calibrated at ffn_dim = 4·dim; each further ffn width saves 8/120
+                proj = mod.ffn.net[0].proj  # of the block's bytes (measured: linear in the ratio, 88 + 8·r B/elem)
+                n = int(n * (11 + proj.out_features / proj.in_features) / 15)
             if kind in JOINT_KINDS:  # the text stream goes through the block beside the image tokens
                 ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
                 n += 0 if ctx is None else ctx.numel()
@@ -436,15 +441,25 @@ def _profiles(arch: Arch):
 
 
 def estimator_backprop(cfg):
-    """``(estimator, Backprop)`` of ``cfg``: what one optimiser step back-propagates. For flow samplers the
-    estimator first sees the chain (``check``) on every stochastic window the run can draw — deterministic steps
-    it absorbs lengthen its pathwise segments — and the largest of those is taken. The chain's σ > 0 pattern is
-    all that matters here, so a uniform flow grid with the configured transition stands in for the scheduler's."""
+    """``(estimator, Backprop)`` of ``cfg``: what one optimiser step back-propagates. The estimator first sees
+    the chain (``check``): for flow samplers on every stochastic window the run can draw — deterministic steps
+    it absorbs lengthen its pathwise segments — and the largest of those is taken; for DDIM / DDPM once (a
+    deterministic last step carries no KL call). The chain's σ > 0 pattern is all that matters here, so a
+    uniform grid with the configured transition (or η and last-step η) stands in for the scheduler's."""
     from rlr_dist.chain.flow import FlowSchedule
 
     est, reg, m = cfg.make_estimator(), cfg.make_regulariser(), cfg.model
     T = m.num_inference_steps
-    if m.sampler != "flow":
+    if m.sampler != "flow":  # a DDIM / DDPM chain with the config's σ > 0 pattern (a deterministic last step)
+        from rlr_dist.chain.schedule import GaussianSchedule
+
+        stand_in = GaussianSchedule.from_alpha_bars(torch.linspace(0.999, 0.01, T + 1),
+                                                    eta=m.eta if m.sampler == "ddim" else 1.0,
+                                                    last_step_eta=m.last_step_eta)
+        try:
+            est.check(stand_in)
+        except ValueError as e:
+            raise PlanError(f"estimator: {str(e).removeprefix('estimator: ')}") from None
         return est, est.backprop(T, reg)
     base = FlowSchedule.from_flow_times(torch.linspace(1, 0, T + 1), m.flow.transition, m.eta)
     worst = None
@@ -456,8 +471,15 @@ def estimator_backprop(cfg):
         b = est.backprop(T, reg)
         worst = b if worst is None else type(b)(max(worst.segment, b.segment), max(worst.steps, b.steps),
                                                  max(worst.calls, b.calls), b.checkpointed,
-                                                 max(worst.forward_calls, b.forward_calls))
+                                                 max(worst.forward_calls, b.forward_calls),
+                                                 max(worst.reference, b.reference))
     return est, worst
+
+
+def segment_bytes(bp, call: float, reference_call: float) -> float:
+    """Activations of an un-checkpointed pathwise segment: its trained-model calls hold ``call`` each, its
+    reference-model calls (the exact KL's, differentiated in their input only) ``reference_call`` each."""
+    return (bp.segment - bp.reference) * call + bp.reference * reference_call
 
 
 def plan(cfg, gpu: str, arch: Arch) -> list[Role]:
@@ -504,7 +526,7 @@ def plan(cfg, gpu: str, arch: Arch) -> list[Role]:
         act = call + (bp.steps if ckpt else seg) * latent * chunk * cfg_mult
         recompute = 4 / 3
     else:
-        act, recompute = seg * call, 1.0
+        act, recompute = segment_bytes(bp, call, up.saved_bytes(prec, "frozen") * chunk * cfg_mult), 1.0
     zero3 = ds.zero_stage == 3
     weights = n_unet * (2 if ds.bf16 or bf16_weights else 4) / (world if zero3 else 1)
     grads = n_train * 4 / (world if ds.zero_stage >= 2 else 1)
@@ -553,11 +575,18 @@ def plan(cfg, gpu: str, arch: Arch) -> list[Role]:
     reward_mem = {"vae weights": n_vae * 4, "vision tower weights": sum(t.params for t in towers) * 4}
     fl = images * (vae_p.flops if vae_p else 0) + scored * sum(t.flops for t in towers)
     if need_grad:
-        reward_mem["vae decode activations"] = images * vae_p.saved_bytes("fp32", "frozen") if vae_p else 0.0
+        # vae_slicing with a frame-wise VAE: ∂R/∂images first, then the decoder one image at a time (a 2nd decode)
+        sliced = m.vae_slicing and arch.temporal == 1
+        reward_mem["vae decode activations"] = ((1 if sliced else images) * vae_p.saved_bytes("fp32", "frozen")
+                                                if vae_p else 0.0)
         reward_mem["vision tower activations"] = scored * sum(t.saved_bytes("fp32", "frozen") for t in towers)
-        fl *= 3
-        notes.append("∂R/∂x₀: every decoded frame stays in the graph (vae_slicing does not lower this; "
-                     "only the frames the reward reads are decoded)")
+        fl *= 4 if sliced else 3
+        if sliced:
+            note = "∂R/∂x₀: the decoder differentiated one image at a time (vae_slicing: a second decode)"
+        else:
+            note = "∂R/∂x₀: every decoded frame stays in the graph" + ("" if arch.temporal > 1 else
+                                                                        " (vae_slicing: one image at a time)")
+        notes.append(note + "; only the frames the reward reads are decoded")
     else:
         per = 1 if m.vae_slicing else images
         reward_mem["working set"] = INFER_FACTOR * 4 * max(per * (vae_p.largest_input() if vae_p else 0),

@@ -21,8 +21,8 @@ from rlr_dist.train.config import TrainConfig
 
 T = 4
 PROMPTS = {"sd3": ["a cat", "a red dog"], "flux": ["a cat", "a red dog"], "wan": ["a cat walking", "waves"],
-           "pixel_flow": ["zero", "one"]}
-RES = {"sd3": 32, "flux": 32, "wan": 32, "pixel_flow": None}
+           "pixel_flow": ["zero", "one"], "pixel_video_flow": ["zero moving right", "moving left"]}
+RES = {"sd3": 32, "flux": 32, "wan": 32, "pixel_flow": None, "pixel_video_flow": None}
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_export_merged_lora_loads_back_with_the_same_outputs(tiny, layout, tmp_p
 
 # ------------------------------------------------------------------------------------------- on-policy
 @pytest.mark.parametrize("transition", ["flow_sde", "cps"])
-@pytest.mark.parametrize("layout", ["sd3", "flux"])
+@pytest.mark.parametrize("layout", ["sd3", "flux", "pixel_video_flow"])
 def test_learner_recomputes_the_samplers_log_probs(tiny, layout, transition):
     """Sampler and learner are separate model instances (weights synced through trained_state): the learner's
     per-step log-prob recomputed from the record (the same chunk, as the pipeline ships it) equals the
@@ -272,6 +272,8 @@ def test_per_block_checkpointing_gives_the_same_gradients_and_saves_memory(tiny,
         if finetune == "lora":
             _perturb_lora(m)
         assert m.unet.gradient_checkpointing is gc and not m.denoiser.checkpointed
+        if finetune == "full":  # the frozen reference copy is checkpointed per block too
+            assert m.reference_unet.gradient_checkpointing is gc
         chain = m.chain()
         cond = m.encode_prompts(["a cat"])
         x = m.initial_noise(1, torch.Generator().manual_seed(0)).requires_grad_(True)

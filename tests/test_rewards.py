@@ -199,6 +199,32 @@ def test_scorer_decodes_only_the_frames_a_video_reward_reads():
     assert decoded == [8, 3]
 
 
+@pytest.mark.parametrize("spec", [{"name": "contrast"}, {"name": "temporal_consistency"},
+                                  {"name": "video_frames", "reward": {"name": "brightness"}, "frame_stride": 2}])
+def test_vae_slicing_takes_dR_dx0_one_image_at_a_time_with_the_same_gradient(spec):
+    """model.vae_slicing under ∂R/∂x₀: the reward is differentiated on images decoded without a graph, then the
+    VAE one image at a time — the same R and ∂R/∂x₀ (also for a temporal reward and for a frame subset), and
+    the decoder's saved activations of one image instead of all of them."""
+    from rlr_dist.memory import SavedTensorMeter
+    from rlr_dist.models.layouts import LatentDecoder
+    from rlr_dist.models.tiny import _vae
+
+    torch.manual_seed(0)
+    vae = _vae().eval().requires_grad_(False)
+    z = torch.randn(2, 4, 4, 8, 8)  # 2 clips of 4 latent frames
+    out = {}
+    for slice_size in (None, 1):
+        scorer = RewardScorer(REWARDS.build(spec["name"], **{k: v for k, v in spec.items() if k != "name"}),
+                              LatentDecoder(vae, slice_size))
+        assert scorer.sliced is (slice_size is not None)
+        with SavedTensorMeter([*vae.parameters(), *vae.buffers(), z]) as meter:
+            R, g = scorer.score(z, need_grad=True)
+        out[slice_size] = (R, g, meter.peak)
+    torch.testing.assert_close(out[1][0], out[None][0])
+    torch.testing.assert_close(out[1][1], out[None][1], rtol=1e-4, atol=1e-7)
+    assert out[None][1].abs().sum() > 0 and out[1][2] < out[None][2] / 3, (out[None][2], out[1][2])
+
+
 # ------------------------------------------------------------------------------------------ combine
 
 

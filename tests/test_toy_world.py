@@ -55,16 +55,21 @@ def test_shipped_checkpoints_load_and_reach_the_documented_accuracy():
     assert x.shape == (100, 1, 16, 16) and x.min() >= -1 and x.max() <= 1
     acc = sum(evaluate_digits(to01(x[y == c]), c)["frac_target"] for c in range(NUM_CLASSES)) / NUM_CLASSES
     assert acc >= documented - SHIPPED_MARGIN, f"shipped digits: accuracy {acc:.3f}, documented {documented:.3f}"
-    # the video twin: loads, samples clips of the documented shape that are mostly recognised per frame
+    # the video twin (a tiny Wan transformer): loads, samples clips of the documented shape that show the asked
+    # digit per frame and move the asked way, as documented
     from rlr_dist.models import load_model
+    from rlr_dist.toy_world.report import FLOW_SAMPLERS, asked_directions, motion_stats
 
-    video = load_model("toy:moving-digits")
-    assert video.layout == "pixel_video" and video.frames == 8 and video.unet.config.in_channels == 8
-    v, _ = sample_classes(asset_path("moving-digits"), per_class=1, seed=0, steps=20)
-    assert v.shape == (10, 1, 8, 16, 24)
-    vdoc = baseline["moving-digits"]["guidance"]["1.0"]["evaluator_acc_mean"]
-    vacc = sum(evaluate_digits(to01(v[c:c + 1]), c)["frac_target"] for c in range(10)) / 10
-    assert vacc >= vdoc - 0.3, f"shipped moving digits: per-frame accuracy {vacc:.3f}, documented {vdoc:.3f}"
+    video = load_model({"path": "toy:moving-digits", "sampler": "flow"})
+    assert video.layout == "pixel_video_flow" and video.frames == 8 and video.latent_shape() == (1, 8, 16, 24)
+    v, _ = sample_classes(asset_path("moving-digits"), per_class=2, seed=1, steps=20, eta=0.0,
+                          flow=FLOW_SAMPLERS["ode"][0], moving=True)
+    assert v.shape == (20, 1, 8, 16, 24)
+    doc = baseline["moving-digits"]["guidance"]["1.0"]
+    vacc = sum(evaluate_digits(to01(v[2 * c:2 * c + 2]), c)["frac_target"] for c in range(10)) / 10
+    assert vacc >= doc["evaluator_acc_mean"] - 0.3, f"moving digits: per-frame accuracy {vacc:.3f}, documented {doc}"
+    asked = motion_stats(v, asked_directions(len(v)))["frac_asked_direction"]
+    assert asked >= doc["motion"]["frac_asked_direction"] - 0.3, f"moving digits: asked direction {asked:.2f}"
 
 
 # digits-flow, measured (docs/toy-world.md): held-out accuracy 0.82 at CFG 1 with the 20-step ODE, 30 per class, seed 0
@@ -137,7 +142,7 @@ def test_classifier_and_evaluator_recognise_sklearn_digits_and_give_rewards():
     assert extra["class_entropy"] > rep["entropy_bits"] and extra["logp_target"] < rep["mean_logp_target"]
 
 
-def test_short_moving_digits_pretrain_writes_a_valid_folder(tmp_path):
+def test_short_moving_digits_pretrain_writes_a_loadable_pixel_video_flow_folder(tmp_path):
     out = tmp_path / "moving"
     pretrain_model("moving-digits", out, steps=3, seed=0, batch=8, log=_quiet, command="test")
     verify_manifest(out)
@@ -145,11 +150,22 @@ def test_short_moving_digits_pretrain_writes_a_valid_folder(tmp_path):
     from rlr_dist.toy_world.report import sample_prompts
 
     meta = json.loads((out / "rlr_model.json").read_text())
-    assert meta["layout"] == "pixel_video" and meta["frames"] == 8 and meta["sample_size"] == [16, 24]
-    model = load_model(str(out))
-    assert model.unet.config.in_channels == model.unet.config.out_channels == 8
-    v = sample_prompts(out, ["3", ""], steps=2, seed=0)  # a class and the null class
-    assert v.shape == (2, 1, 8, 16, 24) and torch.isfinite(v).all()
+    assert meta["layout"] == "pixel_video_flow" and meta["frames"] == 8 and meta["sample_size"] == [16, 24]
+    assert meta["directions"] == ["left", "right"] and meta["cond_channels"] == 14
+    assert meta["coord_channels"] == ["frame", "x"]
+    model = load_model({"path": str(out), "sampler": "flow"})
+    # 1 noisy channel + 14 conditioning channels + 2 coordinate channels
+    assert type(model.unet).__name__ == "WanTransformer3DModel" and model.unet.config.in_channels == 17
+    prompts = ["3 moving right", "three", "moving left", "a seven going leftward", ""]
+    assert [(model.class_of(p), model.direction_of(p)) for p in prompts] == [(3, 1), (3, 2), (10, 0), (7, 0), (10, 2)]
+    v = sample_prompts(out, prompts, steps=2, seed=0, flow={"transition": "ode", "eval": "ode"}, eta=0.0)
+    assert v.shape == (5, 1, 8, 16, 24) and torch.isfinite(v).all()
+    from rlr_dist.models import ModelError
+
+    with pytest.raises(ModelError, match="several directions"):
+        model.encode_prompts(["3 moving left and right"])
+    with pytest.raises(ModelError, match="names no class"):
+        model.encode_prompts(["a cat"])
 
 
 def test_asset_path_names_unknown_assets():

@@ -24,8 +24,8 @@ from rlr_dist.models.base import DiffusionModel
 
 LORA_TARGETS = tuple(DiffusionModel.default_lora_targets)  # the attention projections every adapter adapts
 C, HW, F, B = 32, 8, 4, 2        # unit width, spatial size, frames, batch of the calibration units
-# Wan's feed-forward widths are 8960 / 1536 (1.3B) and 13824 / 5120 (14B); the unit is measured at 4x (a
-# documented approximation: the per-element coefficient moves by about +9 % / −7 % at the real ratios)
+# Wan's feed-forward widths are 8960 / 1536 (1.3B) and 13824 / 5120 (14B); the unit is measured at 4x and the
+# planner scales each block by its own ratio (rlr_dist.planner.profile: saved bytes are linear in it)
 WAN_FFN_RATIO = 4
 
 
@@ -145,9 +145,10 @@ def _cases(root: Path) -> list[tuple[str, dict]]:
     from rlr_dist.models.tiny import build_tiny
 
     sd, t2v = build_tiny("sd", root / "sd"), build_tiny("t2v", root / "t2v", frames=4)
+    pv = build_tiny("pixel_video", root / "pixel_video", frames=8)
     return [
         ("image: toy:digits (UNet2DModel 16x16, class CFG)", {"path": "toy:digits", "guidance_scale": 3.0}),
-        ("video: toy:moving-digits (8 frames as channels)", {"path": "toy:moving-digits"}),
+        ("video: tiny pixel_video (8 frames as channels)", {"path": str(pv)}),
         ("text-to-image: tiny sd, LoRA, CFG", {"path": str(sd), "guidance_scale": 5.0}),
         ("text-to-image: tiny sd, LoRA, CFG, bf16 autocast", {"path": str(sd), "guidance_scale": 5.0,
                                                               "mixed_precision": "bf16"}),
@@ -208,8 +209,9 @@ def measure_case(model_cfg: dict, batch: int = 2, h: int = 2, T: int = 6) -> dic
     prec = "bf16" if cfg.mixed_precision == "bf16" else "fp32"
     mult = batch * (2 if cfg.guidance_scale != 1.0 else 1)
     call_est = prof.saved_bytes(prec, "full" if cfg.finetune == "full" else "lora") * mult
+    step_est = P.segment_bytes(est.backprop(T, reg), call_est, prof.saved_bytes(prec, "frozen") * mult)
     return {"call_measured": call_measured, "call_estimated": call_est, "step_measured": step_measured,
-            "step_estimated": est.backprop(T, reg).segment * call_est, "latent": f"{arch.latent_hw[0]}x{arch.latent_hw[1]}"
+            "step_estimated": step_est, "latent": f"{arch.latent_hw[0]}x{arch.latent_hw[1]}"
             + (f"x{arch.frames}f" if arch.frames > 1 else ""), "seconds": seconds}
 
 
@@ -232,15 +234,17 @@ NOTES = """
 ## What this does and does not validate
 
 - **Validated on CPU**: the activation model (saved tensors of one model call and of one `rlr` learner step)
-  on the tiny models above: image and text-to-image within 10 %, text-to-video within about 20 % (under).
-  The video gap is in `TransformerTemporalModel` (measured inside the tiny UNet3D: 184 bytes per input
-  element against 110 for the calibration unit): with UNet3D's head layout (`attention_head_dim` is used as
-  the *number* of heads) the temporal attention takes a different SDPA path that saves more. Read video
-  learner estimates as lower bounds (add ~25 %).
+  on the tiny models above, image, text-to-image and text-to-video. The former ~20 % video gap was UNet3D's
+  `transformer_in`, a `TransformerTemporalModel` whose inner width is 8 heads × `attention_head_dim` (4× its
+  input channels in the tiny t2v, 1.6× in ModelScope): the planner now scales that unit by inner / input width.
+  A learner step's exact-KL reference calls are differentiated in their input only and are counted with the
+  frozen coefficients. Frame-count scaling, per-call / per-block checkpointing and every estimator on both video
+  architectures: `rlr-dist bench video-memory` (`docs/results/video-memory.md`).
 - **Flow transformers** (`tests/test_planner_flow.py`): joint / single / Wan blocks measured here like the
-  UNet units, counted over image and text tokens; Wan blocks at `ffn_dim = 4·dim` (the published 1.3B / 14B have
-  5.83 / 2.70: about +9 % / −7 % per block); embeddings and norms outside the blocks are not counted. Tiny SD3 /
-  FLUX / Wan within 15 % per call.
+  UNet units, counted over image and text tokens; Wan blocks calibrated at `ffn_dim = 4·dim` and scaled to their
+  own ratio (the published 1.3B / 14B have 5.83 / 2.70); embeddings and norms outside the blocks are not counted
+  (about 12 bytes per token × width element, ~10 % of a block: it matters under per-block checkpointing of a
+  model with few blocks, `docs/results/video-memory.md`). Tiny SD3 / FLUX / Wan within 15 % per call.
 - **Assumed, not measured**: attention runs through a fused SDPA kernel (flash / memory-efficient: O(tokens)
   saved); if a GPU falls back to the math kernel (odd head sizes), each attention also saves
   heads × tokens² scores and the estimate is far too low. Optimizer / gradient bytes by ZeRO stage follow the

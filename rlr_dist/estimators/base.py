@@ -97,7 +97,9 @@ class Backprop:
     steps: sampler steps of that segment;
     calls: model calls back-propagated per optimiser step (each a forward and a backward);
     checkpointed: the segment is checkpointed per step (memory: one step's calls plus one input latent per step);
-    forward_calls: extra forward-only model calls per step (e.g. SPSA's perturbed passes).
+    forward_calls: extra forward-only model calls per step (e.g. SPSA's perturbed passes);
+    reference: how many of the segment's calls run the frozen reference model (the exact KL's, differentiated in
+      their input only: they hold less than a call of the trained model).
     """
 
     segment: int
@@ -105,6 +107,7 @@ class Backprop:
     calls: int
     checkpointed: bool = False
     forward_calls: int = 0
+    reference: int = 0
 
 
 def absorbed_backprop(segments: list[list[tuple[int, int, int]]], regulariser: Regulariser,
@@ -114,14 +117,17 @@ def absorbed_backprop(segments: list[list[tuple[int, int, int]]], regulariser: R
     'absorb' stretches segments over ODE steps, 'skip' drops those steps): the longest segment and the most
     calls any plan back-propagates. A segment's calls: one per step, plus with an active
     regulariser one reference call per stochastic step below its top (as :func:`segment` differentiates)."""
-    def calls(seg: tuple[int, int, int]) -> int:
+    def second(seg: tuple[int, int, int]) -> int:
         steps, stoch, top = seg
-        return steps + (max(0, stoch - top) if regulariser.active else 0)
+        return max(0, stoch - top) if regulariser.active else 0
+
+    def calls(seg: tuple[int, int, int]) -> int:
+        return seg[0] + second(seg)
 
     flat = [s for plan in segments for s in plan]
     longest = max(flat, key=calls)
     return Backprop(segment=calls(longest), steps=longest[0], calls=max(sum(calls(s) for s in plan) for plan in segments),
-                    forward_calls=forward_calls)
+                    forward_calls=forward_calls, reference=second(longest) if regulariser.shaping else 0)
 
 
 def segment_shape(sigma: Tensor, k_hi: int, k_lo: int) -> tuple[int, int, int]:
@@ -135,6 +141,12 @@ def segment_calls(steps: int, regulariser: Regulariser) -> int:
     the first also differentiates a second call at its re-computed state (the reference model in exact
     mode, the trained model at the detached state in DPOK mode; see :func:`segment`)."""
     return 2 * steps - 1 if regulariser.active else steps
+
+
+def segment_reference_calls(steps: int, regulariser: Regulariser) -> int:
+    """Of :func:`segment_calls`, the reference-model calls (exact mode; DPOK's second calls are the trained
+    model's, at detached states)."""
+    return steps - 1 if regulariser.active and regulariser.shaping else 0
 
 
 class Estimator(ABC):

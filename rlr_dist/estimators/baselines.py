@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterator
 
 import torch
@@ -18,7 +19,7 @@ from rlr_dist.chain.trajectory import Plan, inner, sq_norm
 from rlr_dist.registry import check_param
 from rlr_dist.estimators.base import (DETERMINISTIC_MODES, ESTIMATORS, Backprop, Batch, Estimator, absorbed_backprop,
                                       explicit_cost, pathwise_term, require_stochastic, segment_calls, segment_lr_term,
-                                      segment_shape, segment_top)
+                                      segment_reference_calls, segment_shape, segment_top)
 
 
 @ESTIMATORS.register("lr")
@@ -121,6 +122,11 @@ class TruncatedBP(Estimator):
         check_param("K", K >= 1, f"must be >= 1, got {K}")
         self.K, self.k_min, self.k_max, self.checkpoint = K, k_min, k_max, checkpoint
         self.fixed_steps: tuple[int, ...] | None = None  # steps above K: no gradient (set by check)
+        self._segment: tuple[int, tuple[int, int, int]] | None = None  # (T, shape of the longest segment), by check
+
+    def top(self, T: int) -> int:
+        """The highest step a segment starts from (random K: ``k_max``)."""
+        return min(self.k_max if self.k_min is not None else self.K, T)
 
     def check(self, schedule: GaussianSchedule) -> None:
         top = self.k_max if self.k_min is not None else self.K
@@ -128,6 +134,11 @@ class TruncatedBP(Estimator):
             raise ValueError(f"estimator: K={top} exceeds the number of sampler steps T={schedule.T}")
         # steps above K get no gradient (random K: steps above k_min only sometimes)
         self.fixed_steps = tuple(range((self.k_min if self.k_min is not None else self.K) + 1, schedule.T + 1))
+        self._remember_segment(schedule)
+
+    def _remember_segment(self, schedule: GaussianSchedule) -> None:
+        """The longest segment's shape on this chain (a deterministic last step has no KL call)."""
+        self._segment = (schedule.T, segment_shape(schedule.sigma, self.top(schedule.T), 1))
 
     def plan(self, schedule: GaussianSchedule, generator: torch.Generator | None = None) -> Plan:
         K = self.K
@@ -140,8 +151,12 @@ class TruncatedBP(Estimator):
         yield f"bp:{b.traj.plan.K}", pathwise_term(b, b.traj.plan.K, self.checkpoint)
 
     def backprop(self, T: int, regulariser) -> Backprop:
-        K = min(self.k_max if self.k_min is not None else self.K, T)
-        return Backprop(segment=segment_calls(K, regulariser), steps=K, calls=K, checkpointed=self.checkpoint)
+        K = self.top(T)
+        if self._segment is not None and self._segment[0] == T:  # the chain's σ pattern, measured by check()
+            b = absorbed_backprop([[self._segment[1]]], regulariser)
+            return replace(b, calls=K, checkpointed=self.checkpoint)
+        return Backprop(segment=segment_calls(K, regulariser), steps=K, calls=K, checkpointed=self.checkpoint,
+                        reference=segment_reference_calls(K, regulariser))
 
     def memory_overrides(self) -> list[list[str]]:
         return [] if self.checkpoint else [["--estimator.checkpoint=true"]]
@@ -159,15 +174,16 @@ class FullBP(TruncatedBP):
     def __init__(self, checkpoint: bool = True) -> None:
         super().__init__(K=1, checkpoint=checkpoint)
 
+    def top(self, T: int) -> int:
+        return T
+
     def check(self, schedule: GaussianSchedule) -> None:
         self.fixed_steps = ()
+        self._remember_segment(schedule)
 
     def plan(self, schedule: GaussianSchedule, generator: torch.Generator | None = None) -> Plan:
         T = schedule.T
         return Plan(states=frozenset({T}), noises=frozenset(k for k in range(1, T + 1) if schedule.stochastic(k)), K=T)
-
-    def backprop(self, T: int, regulariser) -> Backprop:
-        return Backprop(segment=segment_calls(T, regulariser), steps=T, calls=T, checkpointed=self.checkpoint)
 
     def describe(self) -> dict:
         return {"name": "full_bp", "checkpoint": self.checkpoint, "fixed_steps": []}

@@ -32,7 +32,7 @@ from rlr_dist.chain.trajectory import Plan, inner
 from rlr_dist.registry import check_param
 from rlr_dist.estimators.base import (DETERMINISTIC_MODES, ESTIMATORS, Backprop, Batch, Estimator, absorbed_backprop,
                                       explicit_cost, pathwise_term, require_stochastic, segment, segment_calls,
-                                      segment_lr_term, segment_shape, segment_top)
+                                      segment_lr_term, segment_reference_calls, segment_shape, segment_top)
 
 ZO_MODES = ("lr", "lr_sampled", "spsa", "none")
 J_LAWS = ("uniform", "range", "softmax")
@@ -227,7 +227,8 @@ class RLR(Estimator):
         C = T - self.h - int(self.fo)
         zo = {"lr": C, "lr_sampled": min(self.K, C)}.get(self.zo, 0)
         return Backprop(segment=seg, steps=self.h, calls=int(self.fo) + seg + max(zo, 0),
-                        forward_calls=2 * T if self.zo == "spsa" else 0)
+                        forward_calls=2 * T if self.zo == "spsa" else 0,
+                        reference=segment_reference_calls(self.h, regulariser))
 
     def memory_overrides(self) -> list[list[str]]:
         return [[f"--estimator.h={max(1, self.h // 2)}"]] if self.h > 1 else []

@@ -48,7 +48,7 @@ class ModelError(ValueError):
 
 class Denoiser(nn.Module):
     """``(x, t, cond) -> model output`` of a layout's UNet, in fp32 (bf16/fp16 autocast inside when asked),
-    with optional per-call activation checkpointing of the trained model."""
+    with optional per-call activation checkpointing."""
 
     def __init__(self, owner: "DiffusionModel", unet: nn.Module, checkpointed: bool = False):
         super().__init__()
@@ -77,9 +77,15 @@ class AdaptersOff(nn.Module):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+    def _call(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
         with adapters_disabled(self.denoiser.unet):
-            return self.denoiser._call(x, t, cond)  # never checkpointed: a recompute would see adapters on
+            return self.denoiser._call(x, t, cond)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        # checkpointed like the trained model; the recompute runs this same function, adapters off again
+        if self.denoiser.checkpointed and torch.is_grad_enabled():
+            return checkpoint(self._call, x, t, cond, use_reentrant=False)
+        return self._call(x, t, cond)
 
 
 class DiffusionModel(ABC):
@@ -124,12 +130,17 @@ class DiffusionModel(ABC):
         else:
             self.unet.requires_grad_(True)
             self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        # model.gradient_checkpointing covers the reference model too: the exact KL back-propagates through its
+        # calls (pathwise in x), which would otherwise hold a whole call's activations each
         per_block = cfg.gradient_checkpointing and self.checkpoints_blocks
+        per_call = cfg.gradient_checkpointing and not per_block
         if per_block:  # per transformer block; remembers adapters on/off so the recompute matches
-            self.unet.enable_gradient_checkpointing(adapter_aware_checkpoint())
-        self.denoiser = Denoiser(self, self.unet, checkpointed=cfg.gradient_checkpointing and not per_block)
+            for unet in (self.unet, self.reference_unet):
+                if unet is not None:
+                    unet.enable_gradient_checkpointing(adapter_aware_checkpoint())
+        self.denoiser = Denoiser(self, self.unet, checkpointed=per_call)
         self.reference = (AdaptersOff(self.denoiser) if cfg.finetune == "lora"
-                          else Denoiser(self, self.reference_unet))
+                          else Denoiser(self, self.reference_unet, checkpointed=per_call))
 
     def weights_dtype(self) -> torch.dtype:
         """The dtype the frozen denoiser weights are held in (bf16 under :attr:`bf16_weights` + LoRA + bf16)."""

@@ -163,7 +163,7 @@ class ModelConfig:
 
     path: a diffusers folder (local), ``s3://bucket/prefix`` (downloaded into a cache and verified), a hub
       id (only when the machine is online), or ``toy:digits`` / ``toy:moving-digits`` for the shipped models.
-    layout: one of the registered adapters (``pixel``, ``pixel_video``, ``sd``, ``t2v``); detected from
+    layout: one of the registered adapters (``pixel``, ``pixel_video``, ``sd``, ``t2v``, ``sd3``, ``flux``, ``wan``, ``pixel_flow``, ``pixel_video_flow``); detected from
       the folder when omitted.
     finetune: ``lora`` (reference = adapters disabled, no second copy) or ``full`` (reference = frozen copy).
     sampler / num_inference_steps / eta: the chain the estimators see (DDIM with η > 0, DDPM, or ``flow`` for
@@ -185,8 +185,10 @@ class ModelConfig:
     num_frames: frames of video layouts that do not fix them (``t2v``).
     resolution: image size in pixels of latent layouts (``sd``, ``t2v``): one int or ``[height, width]``, each a
       multiple of the VAE's downsampling factor; default the UNet's ``sample_size`` (zeroscope: ``[320, 576]``).
-    vae_slicing: decode one image (video: one frame) at a time; lowers no-grad decode memory only (with
-      ``∂R/∂x_0`` every slice stays in the graph until backward).
+    vae_slicing: decode one image (video: one frame) at a time. With ``∂R/∂x_0`` (a frame-wise VAE) the
+      reward's gradient is taken on the decoded images and brought back through the decoder one slice at a
+      time: the decoder's activations of one image instead of every decoded frame, for a second decode. A
+      causal video VAE (Wan's) decodes its clips whole under ``∂R/∂x_0``.
     """
 
     path: str = "toy:digits"

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from rlr_dist.models.base import MODELS, DiffusionModel, ModelError
+from rlr_dist.rewards.base import batch_to_frames, frames_to_batch
 
 
 def _hw(sample_size: Any) -> tuple[int, int]:
@@ -37,25 +38,40 @@ class PixelDecoder(nn.Module):
 class LatentDecoder(nn.Module):
     """VAE decode of image latents ``(B, c, h, w)`` or video latents ``(B, c, F, h, w)`` (frame by frame)
     to images in ``[0, 1]``: ``vae.decode(z / scaling_factor + shift_factor)`` (SD3 / FLUX VAEs have a shift).
-    ``slice_size`` decodes that many images at a time (VAE slicing)."""
+    ``slice_size`` decodes that many images at a time (VAE slicing); :meth:`vjp` brings a gradient on the
+    images back to the latents one slice at a time."""
 
     def __init__(self, vae: nn.Module, slice_size: int | None = None):
         super().__init__()
         self.vae = vae
         self.slice_size = slice_size
 
+    def _decode(self, z: Tensor) -> Tensor:
+        """Images of a batch of image latents ``(N, c, h, w)``."""
+        z = z / self.vae.config.scaling_factor + (getattr(self.vae.config, "shift_factor", None) or 0.0)
+        return (self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
+
+    def _slices(self, n: int) -> list[slice]:
+        step = self.slice_size or n
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
     def forward(self, z: Tensor) -> Tensor:
         video = z.dim() == 5
-        if video:
-            B, c, F = z.shape[:3]
-            z = z.permute(0, 2, 1, 3, 4).reshape(B * F, c, *z.shape[3:])
-        z = z / self.vae.config.scaling_factor + (getattr(self.vae.config, "shift_factor", None) or 0.0)
-        chunks = z.split(self.slice_size) if self.slice_size else (z,)
-        img = torch.cat([self.vae.decode(chunk).sample for chunk in chunks])
-        img = (img.float() / 2 + 0.5).clamp(0, 1)
-        if video:
-            img = img.reshape(B, F, *img.shape[1:]).permute(0, 2, 1, 3, 4)
-        return img
+        flat = frames_to_batch(z) if video else z
+        img = torch.cat([self._decode(flat[s]) for s in self._slices(flat.shape[0])])
+        return batch_to_frames(img, z.shape[2]) if video else img
+
+    def vjp(self, z: Tensor, grad: Tensor) -> Tensor:
+        """``∂⟨grad, decode(z)⟩ / ∂z``, decoding each slice again with a graph and back-propagating its part of
+        ``grad`` before the next: the decoder's activations of one slice at a time instead of all images."""
+        video = z.dim() == 5
+        flat, g = (frames_to_batch(z), frames_to_batch(grad)) if video else (z, grad)
+        out = torch.empty_like(flat)
+        with torch.enable_grad():
+            for s in self._slices(flat.shape[0]):
+                part = flat[s].detach().requires_grad_(True)
+                (out[s],) = torch.autograd.grad(self._decode(part), part, g[s])
+        return batch_to_frames(out, z.shape[2]) if video else out
 
 
 def prompt_class(prompt: str, class_names: list[str], null_class: int | None, folder) -> int:

@@ -14,7 +14,7 @@ import torch
 from rlr_dist import storage
 
 TINY_LAYOUTS = ("pixel", "pixel_video", "sd", "t2v")
-TINY_FLOW_LAYOUTS = ("sd3", "flux", "wan", "pixel_flow")   # flow-matching transformers (model.sampler: flow)
+TINY_FLOW_LAYOUTS = ("sd3", "flux", "wan", "pixel_flow", "pixel_video_flow")   # flow-matching transformers (model.sampler: flow)
 TEXT_DIM = 32
 MAX_TOKENS = 16
 T5_TOKENS = 8
@@ -90,8 +90,25 @@ def _flow_vae(latent: int, shift: float):
 
 def _write_flow(layout: str, tmp: Path, frames: int) -> None:
     """Tiny SD3 / FLUX / Wan pipelines (random weights, real classes and folder formats), or the toy
-    ``pixel_flow`` layout."""
+    ``pixel_flow`` / ``pixel_video_flow`` layouts."""
     import diffusers
+
+    if layout == "pixel_video_flow":  # 2 classes + null, 2 directions + null: context dim 6, also as 6 channels,
+        transformer = diffusers.WanTransformer3DModel(  # then 2 coordinate channels (frame, x)
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=9, out_channels=1,
+            text_dim=6, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            rope_max_seq_len=max(32, frames))
+        transformer.save_pretrained(tmp / "transformer")
+        diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0).save_pretrained(tmp / "scheduler")
+        (tmp / "model_index.json").write_text(json.dumps({"_class_name": "PixelVideoFlow",
+                                                          "transformer": ["diffusers", "WanTransformer3DModel"],
+                                                          "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+        (tmp / "rlr_model.json").write_text(json.dumps({
+            "layout": "pixel_video_flow", "conditioning": "class+direction", "num_classes": 2, "null_class": 2,
+            "class_names": ["zero", "one"], "directions": ["left", "right"], "null_direction": 2, "cond_channels": 6,
+            "coord_channels": ["frame", "x"],
+            "channels": 1, "frames": frames, "sample_size": [8, 8]}, indent=1))
+        return
 
     if layout == "pixel_flow":
         transformer = diffusers.SD3Transformer2DModel(

@@ -13,6 +13,8 @@
   transitions (``FlowMatchEulerDiscreteScheduler`` with the same shift and times).
 * ``pixel_flow`` — a class-conditional ``SD3Transformer2DModel`` on pixels (the toy world's ``digits-flow``):
   the class is a one-hot conditioning token and pooled vector; no VAE, no text encoder.
+* ``pixel_video_flow`` — a class- and direction-conditional ``WanTransformer3DModel`` on pixel video (the toy
+  world's ``moving-digits``): two one-hot context tokens; no VAE, no text encoder.
 
 Common to all: the chain holds unpacked latents in fp32; text embeddings are computed once per prompt and
 cached (:class:`~rlr_dist.models.text.PromptCache`); with ``mixed_precision: bf16`` and LoRA the frozen
@@ -520,6 +522,139 @@ class PixelFlowModel(SD3Model):
         n = int(self.unet.config.joint_attention_dim)
         onehot = nn.functional.one_hot(torch.tensor([self.class_of(p) for p in prompts]), n).float()
         return pack_cond(onehot[:, None, :], onehot)
+
+    def decoder(self) -> nn.Module:
+        return PixelDecoder()
+
+    @classmethod
+    def load_decoder(cls, folder, cfg) -> nn.Module:
+        return PixelDecoder()
+
+
+DIRECTION_WORDS = {"left": ("left", "leftward", "leftwards"), "right": ("right", "rightward", "rightwards")}
+
+
+def class_direction_tokens(labels: Tensor, directions: Tensor, dim: int, class_slots: int) -> Tensor:
+    """``(B, 2, dim)`` context of ``pixel_video_flow``: a class token (one-hot of ``labels`` in dims
+    ``0 .. class_slots − 1``, the null class included) and a direction token (one-hot of ``directions`` in the
+    dims after them, the null direction included)."""
+    cls = nn.functional.one_hot(labels, dim).float()
+    dirs = nn.functional.one_hot(directions + class_slots, dim).float()
+    return torch.stack([cls, dirs], dim=1)
+
+
+COORDINATES = ("frame", "y", "x")
+
+
+def with_cond_channels(x: Tensor, tokens: Tensor | None, coords: Sequence[str] = ()) -> Tensor:
+    """``x (B, C, F, H, W)`` with conditioning channels concatenated: the context's summed one-hot vector
+    ``tokens.sum(1)`` (B, D) as ``D`` constant channels (as Wan's image-to-video models take theirs), then one
+    channel per name in ``coords`` (``frame``, ``y``, ``x``) holding that coordinate, from −1 to 1 across the
+    clip. Wan's only positions are rotary, i.e. relative; the coordinate channels say where in the clip a
+    token is, which a clip whose content moves to a place fixed by the frame index (and the direction) needs."""
+    B, _, F, H, W = x.shape
+    parts = [x]
+    if tokens is not None:
+        parts.append(tokens.sum(dim=1).to(x.dtype)[:, :, None, None, None].expand(B, tokens.shape[-1], F, H, W))
+    for name in coords:
+        n = {"frame": F, "y": H, "x": W}[name]
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + COORDINATES.index(name)] = n
+        parts.append(torch.linspace(-1, 1, n, dtype=x.dtype, device=x.device).view(shape).expand(B, 1, F, H, W))
+    return torch.cat(parts, dim=1)
+
+
+@MODELS.register("pixel_video_flow")
+class PixelVideoFlowModel(WanModel):
+    """A class- and direction-conditional ``WanTransformer3DModel`` on pixel video ``(B, C, F, H, W)`` (the toy
+    world's ``moving-digits``): the context is two one-hot tokens, the class and the direction of motion
+    (:func:`class_direction_tokens`), also given as constant input channels when ``rlr_model.json`` says
+    ``cond_channels``, and coordinate channels (``coord_channels``: e.g. ``["frame", "x"]``) after them
+    (:func:`with_cond_channels`); no VAE, no text encoder. Prompts name a class and / or a
+    direction:
+    ``"3 moving right"``, ``"three"`` (either direction), ``"moving left"`` (any digit), ``""`` (both null)."""
+
+    detects_unet_class = False
+    frozen_attributes = ()
+
+    def load_parts(self) -> None:
+        if self.cfg.resolution is not None:
+            raise ModelError(f"model.resolution: pixel layouts sample at the model's size; {self.folder} is "
+                             f"{self.meta.get('sample_size')}")
+        m = self.meta
+        need = [k for k in ("frames", "sample_size", "class_names", "directions") if k not in m]
+        if need:
+            raise ModelError(f"{self.folder / 'rlr_model.json'}: a pixel_video_flow model needs {need}")
+        self.frames = int(m["frames"])
+        if self.cfg.num_frames not in (None, self.frames):
+            raise ModelError(f"model.num_frames: {self.cfg.num_frames} given, but {self.folder} is fixed at "
+                             f"{self.frames} frames")
+        self.class_names = [str(x).lower() for x in m["class_names"]]
+        self.null_class = int(m.get("null_class", len(self.class_names)))
+        self.directions = [str(x).lower() for x in m["directions"]]
+        self.null_direction = int(m.get("null_direction", len(self.directions)))
+        self.class_slots = self.null_class + 1
+        dim = int(self.unet.config.text_dim)
+        if self.class_slots + self.null_direction + 1 != dim:
+            raise ModelError(f"{self.folder}: {self.class_slots} class and {self.null_direction + 1} direction slots "
+                             f"do not fill the transformer's text_dim {dim}")
+        self.cond_channels = int(m.get("cond_channels", 0))
+        self.coords = tuple(m.get("coord_channels", ()))
+        bad = [c for c in self.coords if c not in COORDINATES]
+        if bad:
+            raise ModelError(f"{self.folder / 'rlr_model.json'}: coord_channels {bad} unknown; choose from {COORDINATES}")
+        c = self.unet.config
+        if c.in_channels != c.out_channels + self.cond_channels + len(self.coords) or self.cond_channels not in (0, dim):
+            raise ModelError(f"{self.folder}: in_channels {c.in_channels} ≠ out_channels {c.out_channels} + "
+                             f"cond_channels {self.cond_channels} (0 or text_dim {dim}) + "
+                             f"{len(self.coords)} coord_channels")
+
+    def direction_of(self, prompt: str) -> int:
+        words = set(re.findall(r"[a-z]+", prompt.lower()))
+        hits = {i for i, d in enumerate(self.directions) if words & set(DIRECTION_WORDS.get(d, (d,)))}
+        if len(hits) > 1:
+            raise ModelError(f"prompt {prompt!r} names several directions; directions of {self.folder.name}: "
+                             f"{self.directions}")
+        return hits.pop() if hits else self.null_direction
+
+    def class_of(self, prompt: str) -> int:
+        """The class a prompt names; a prompt that names only a direction is the null class."""
+        d = self.direction_of(prompt)
+        rest = prompt if d == self.null_direction else re.sub(
+            r"\b(" + "|".join(DIRECTION_WORDS.get(self.directions[d], (self.directions[d],))) + r"|moving|going)\b",
+            " ", prompt.lower())
+        return prompt_class(rest, self.class_names, self.null_class, self.folder)
+
+    def latent_hw(self) -> tuple[int, int]:
+        return _hw(self.meta["sample_size"])
+
+    @classmethod
+    def image_seq_len(cls, folder: Path, cfg: ModelConfig) -> int:
+        return None
+
+    @classmethod
+    def planner_shape(cls, config, vae_config, pixels, cfg, meta, folder):
+        h, w = _hw(meta.get("sample_size", 16))
+        F = int(meta.get("frames", 8))
+        return {"latent": (config.get("out_channels", 1), F, h, w), "frames": F, "latent_hw": (h, w), "tokens": 2}
+
+    @classmethod
+    def meta_inputs(cls, config, latent, tokens, class_conditional=False, device="meta"):
+        (), kw = super().meta_inputs(config, latent, tokens, class_conditional, device)
+        kw["hidden_states"] = torch.empty(1, config.get("in_channels", latent[0]), *latent[1:], device=device)
+        return (), kw
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.unet.config.out_channels, self.frames, *self.latent_hw())
+
+    def unet_forward(self, unet: nn.Module, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        x = with_cond_channels(x, cond if self.cond_channels else None, self.coords)
+        return super().unet_forward(unet, x, t, cond)
+
+    def encode_text(self, prompts: list[str]) -> Tensor:
+        labels = torch.tensor([self.class_of(p) for p in prompts])
+        dirs = torch.tensor([self.direction_of(p) for p in prompts])
+        return class_direction_tokens(labels, dirs, int(self.unet.config.text_dim), self.class_slots)
 
     def decoder(self) -> nn.Module:
         return PixelDecoder()

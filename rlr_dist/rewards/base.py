@@ -140,6 +140,12 @@ def frames_to_batch(video: Tensor) -> Tensor:
     return video.permute(0, 2, 1, 3, 4).reshape(B * F, C, H, W)
 
 
+def batch_to_frames(images: Tensor, frames: int) -> Tensor:
+    """The inverse of :func:`frames_to_batch`: ``(B·F, C, H, W)`` -> ``(B, C, F, H, W)``."""
+    n, C, H, W = images.shape
+    return images.reshape(n // frames, frames, C, H, W).permute(0, 2, 1, 3, 4)
+
+
 def apply_reward(reward: Reward, images: Tensor, prompts: Sequence[str] | None = None, *,
                  name: str | None = None, finite: bool = True) -> Tensor:
     """``reward(images, prompts)`` with modality handling and output checks; returns ``(B,)``.
@@ -211,6 +217,22 @@ class RewardScorer:
         full = part.new_zeros(*part.shape[:2], x0.shape[2], *part.shape[3:])
         return full.index_copy(2, at, part)
 
+    @property
+    def sliced(self) -> bool:
+        """``∂R/∂x_0`` is taken in two passes (:meth:`_decoder_vjp`): a frame-wise decoder with a slice size
+        (``model.vae_slicing``) that offers ``vjp``."""
+        return bool(getattr(self.decoder, "slice_size", None)) and hasattr(self.decoder, "vjp")
+
+    def _decoder_vjp(self, x0: Tensor, grad_images: Tensor) -> Tensor:
+        """``∂R/∂x_0`` from ``∂R/∂images``, through the decoder one slice at a time (only the frames the reward
+        reads): peak decoder activations of one slice instead of every decoded frame, for a second decode."""
+        idx = self.reward.frames(x0.shape[2]) if x0.dim() == 5 else None
+        if idx is None or len(idx) == x0.shape[2]:
+            return self.decoder.vjp(x0, grad_images)
+        at = torch.tensor(idx, device=x0.device)
+        part = self.decoder.vjp(x0.index_select(2, at), grad_images.index_select(2, at))
+        return torch.zeros_like(x0).index_copy(2, at, part)
+
     def score(self, x0: Tensor, prompts: Sequence[str] | None = None,
               need_grad: bool = False) -> tuple[Tensor, Tensor | None]:
         R, g, _ = self.score_keep(x0, prompts, need_grad)
@@ -225,9 +247,16 @@ class RewardScorer:
                               "(use a black-box estimator such as lr or rlr with fo=false)")
         drop = self.on_nonfinite == "drop"
         B = x0.shape[0]
+        sliced = need_grad and self.sliced
         with torch.enable_grad() if need_grad else torch.no_grad():
-            x = x0.detach().requires_grad_(need_grad)
-            R = apply_reward(self.reward, self.decode(x), prompts, finite=not drop)
+            x = x0.detach().requires_grad_(need_grad and not sliced)
+            if sliced:  # the reward differentiated on the images; the decoder one slice at a time below
+                with torch.no_grad():
+                    images = self.decode(x)
+                images.requires_grad_(True)
+            else:
+                images = self.decode(x)
+            R = apply_reward(self.reward, images, prompts, finite=not drop)
             keep = torch.isfinite(R.detach())
             if not keep.any():
                 raise RewardError(f"reward {name!r} returned non-finite values (NaN/inf) for every sample")
@@ -236,7 +265,9 @@ class RewardScorer:
                 return R_kept.detach().float(), None, keep
             if not R.requires_grad:
                 raise RewardError(f"reward {name!r} claims to be differentiable but its output has no gradient")
-            (g,) = torch.autograd.grad(R_kept.sum(), x)
+            (g,) = torch.autograd.grad(R_kept.sum(), images if sliced else x)
+        if sliced:
+            g = self._decoder_vjp(x, g)
         if not keep.all():
             g = torch.where(keep.view(B, *[1] * (g.dim() - 1)), g, torch.zeros_like(g))
         if not torch.isfinite(g).all():

@@ -1,8 +1,10 @@
-"""Video rewards: a per-frame reward with frame subsampling and aggregation, and temporal consistency."""
+"""Video rewards: a per-frame reward with frame subsampling and aggregation, temporal consistency, and motion
+read from the centre of mass over frames; :func:`frame_shifts` measures motion without it (evaluators)."""
 from __future__ import annotations
 
 from typing import Literal, Sequence
 
+import torch
 from torch import Tensor
 
 from rlr_dist.registry import check_param
@@ -110,3 +112,67 @@ class VideoFrames(Reward):
         if self.temporal_weight != 0.0:
             R = R + self.temporal_weight * temporal_consistency(images)
         return R
+
+
+DIRECTION_SIGN = {"right": 1.0, "left": -1.0}
+
+
+def centre_of_mass_x(video: Tensor, ink: str = "bright") -> Tensor:
+    """Horizontal centre of mass (pixels from the left edge) of each frame of ``(B, C, F, H, W)`` in ``[0, 1]``
+    -> ``(B, F)``, weighting pixels by their grey value (``ink: dark``: by 1 − grey). Differentiable."""
+    grey = video.float().mean(dim=1)  # (B, F, H, W)
+    w = grey if ink == "bright" else 1 - grey
+    col = w.sum(dim=2)  # (B, F, W)
+    x = torch.arange(col.shape[-1], device=col.device, dtype=col.dtype)
+    return (col * x).sum(-1) / col.sum(-1).clamp_min(1e-6)
+
+
+@REWARDS.register("motion")
+class Motion(Reward):
+    """Motion of the content along ``direction``, from the centre of mass over frames (:func:`centre_of_mass_x`).
+
+    With ``speed`` (pixels per frame): ``−mean_f (s·v_f − speed)²`` where ``v_f`` is the centre's step from frame
+    ``f`` to ``f + 1`` and ``s = ±1`` the direction — 0 for motion at that speed every frame (consistent speed),
+    −4·speed² for the same motion the other way. ``speed: null``: the signed mean velocity ``s·mean_f v_f``,
+    which changes sign when the clip is played backwards. Differentiable."""
+
+    differentiable = True
+    modality = "video"
+
+    def __init__(self, direction: Literal["right", "left"] = "right", speed: float | None = 1.0,
+                 ink: Literal["bright", "dark"] = "bright"):
+        super().__init__()
+        self.check_params(direction, speed, ink)
+        self.sign, self.speed, self.ink = DIRECTION_SIGN[direction], speed, ink
+
+    @classmethod
+    def check_params(cls, direction: str = "right", speed: float | None = 1.0, ink: str = "bright") -> None:
+        check_param("direction", direction in DIRECTION_SIGN, f"must be 'right' or 'left', got {direction!r}")
+        check_param("speed", speed is None or speed > 0, f"must be > 0 pixels per frame (or null), got {speed!r}")
+        check_param("ink", ink in ("bright", "dark"), f"must be 'bright' or 'dark', got {ink!r}")
+
+    def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
+        if images.dim() != 5 or images.shape[2] < 2:
+            raise RewardError(f"reward {self.name!r} needs video (B, C, F >= 2, H, W), got {tuple(images.shape)}")
+        v = self.sign * centre_of_mass_x(images, self.ink).diff(dim=1)  # (B, F − 1), along the direction
+        if self.speed is None:
+            return v.mean(dim=1)
+        return -(v - self.speed).pow(2).mean(dim=1)
+
+
+@torch.no_grad()
+def frame_shifts(video: Tensor, max_shift: int = 3) -> Tensor:
+    """The horizontal shift (pixels, right positive) that best maps each frame onto the next, by least
+    squares over shifts ``−max_shift .. max_shift`` of ``(B, C, F, H, W)`` -> ``(B, F − 1)`` integers. Reads
+    motion as displacement of the whole picture, not of its centre of mass (so brightening one side does not
+    count as motion)."""
+    a, b = video[:, :, :-1].float(), video[:, :, 1:].float()
+    W = video.shape[-1]
+    errs = []
+    for s in range(-max_shift, max_shift + 1):
+        if s >= 0:
+            d = b[..., s:] - a[..., :W - s]
+        else:
+            d = b[..., :W + s] - a[..., -s:]
+        errs.append(d.pow(2).mean(dim=(1, 3, 4)))  # (B, F − 1)
+    return torch.stack(errs, -1).argmin(-1) - max_shift

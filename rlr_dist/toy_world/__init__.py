@@ -3,7 +3,8 @@
 Assets (``rlr_dist/assets/toy/<name>``, each a folder with ``manifest.json``):
 
 * ``digits``        — class-conditional pixel DDPM on sklearn's digits, 16×16 (layout ``pixel``);
-* ``moving-digits`` — its video twin, 8 frames of 16×24 (layout ``pixel_video``);
+* ``moving-digits`` — its video twin, 8 frames of 16×24 on a tiny Wan transformer, conditioned on digit and
+  direction (layout ``pixel_video_flow``, ``model.sampler: flow``);
 * ``digits-flow``   — a rectified-flow digits model on a tiny SD3 transformer, 16×16 (layout ``pixel_flow``);
 * ``classifier``    — the digit classifier used as the *training* reward (``digit_logprob``);
 * ``evaluator``     — the held-out evaluator (other architecture, other data: MNIST) (``digit_evaluator``).

@@ -17,12 +17,20 @@ from rlr_dist.toy_world.train import META, NUM_CLASSES, Log, _fmt_secs, _log, de
 # ----------------------------------------------------------------------------------------- sampling
 def sample_classes(folder: str | Path, per_class: int, seed: int = 0, steps: int = 20, eta: float = 1.0,
                    guidance: float = 1.0, classes: list[int] | None = None, chunk: int = 100,
-                   flow: dict | None = None) -> tuple[Tensor, Tensor]:
+                   flow: dict | None = None, moving: bool = False) -> tuple[Tensor, Tensor]:
     """``(samples in [-1, 1], labels)``: ``per_class`` samples of each class of a saved model (DDIM with
     ``eta``, the last step deterministic; flow models: the sampler ``flow`` names; images ``(N, 1, H, W)``,
-    clips ``(N, 1, F, H, W)``)."""
+    clips ``(N, 1, F, H, W)``). ``moving``: prompts alternate ``"<c> moving right"`` / ``"<c> moving left"``
+    (:func:`asked_directions` gives the signs)."""
     labels = torch.tensor(list(range(NUM_CLASSES)) if classes is None else classes).repeat_interleave(per_class)
-    return sample_prompts(folder, [str(int(c)) for c in labels], seed, steps, eta, guidance, chunk, flow), labels
+    prompts = [f"{int(c)} moving {'right' if i % 2 == 0 else 'left'}" if moving else str(int(c))
+               for i, c in enumerate(labels)]
+    return sample_prompts(folder, prompts, seed, steps, eta, guidance, chunk, flow), labels
+
+
+def asked_directions(n: int) -> Tensor:
+    """The directions :func:`sample_classes` asks for with ``moving=True``: +1 (right), −1 (left), alternating."""
+    return 1 - 2 * (torch.arange(n) % 2)
 
 
 def sample_prompts(folder: str | Path, prompts: list[str], seed: int = 0, steps: int = 20, eta: float = 1.0,
@@ -78,16 +86,20 @@ def save_gif(clips: Tensor, labels: Tensor, path: Path, per_row: int = 4, scale:
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=150, loop=0)
 
 
-def motion_stats(clips: Tensor) -> dict:
-    """Horizontal ink centroid per frame of ``(N, 1, F, H, W)`` in [-1, 1]: mean |shift| per frame (pixels) and
-    the fraction of clips whose centroid moves right overall."""
-    ink = (clips[:, 0] + 1) / 2  # (N, F, H, W)
-    w = ink.sum((2, 3)).clamp_min(1e-6)
-    cols = torch.arange(ink.shape[-1], dtype=ink.dtype)
-    cx = (ink.sum(2) * cols).sum(-1) / w  # (N, F)
-    d = cx[:, 1:] - cx[:, :-1]
-    return {"mean_abs_shift_px": float(d.abs().mean()), "frac_right": float(((cx[:, -1] - cx[:, 0]) > 0).float().mean()),
-            "frame_diff": float((clips[:, :, 1:] - clips[:, :, :-1]).abs().mean())}
+def motion_stats(clips: Tensor, asked: Tensor | None = None) -> dict:
+    """Motion of clips ``(N, 1, F, H, W)`` in [-1, 1]: mean |centre-of-mass step| per frame (pixels), the
+    fraction moving right overall by frame-to-frame displacement (the held-out evaluator's measure), and with
+    ``asked`` (±1 per clip) the fraction moving the asked way; mean |frame difference|."""
+    from rlr_dist.rewards.video import centre_of_mass_x, frame_shifts
+
+    v = to01(clips)
+    d = centre_of_mass_x(v).diff(dim=1)
+    net = frame_shifts(v).sum(dim=1)
+    out = {"mean_abs_shift_px": float(d.abs().mean()), "frac_right": float((net > 0).float().mean()),
+           "frame_diff": float((clips[:, :, 1:] - clips[:, :, :-1]).abs().mean())}
+    if asked is not None:
+        out["frac_asked_direction"] = float(((net * asked) > 0).float().mean())
+    return out
 
 
 FLOW_SAMPLERS = {"ode": ({"transition": "ode", "eval": "ode"}, 0.0),         # what diffusers' pipelines deploy
@@ -103,7 +115,8 @@ def measure(folder: str | Path, per_class: int = 50, n_uncond: int = 200, seed: 
 
     folder = Path(folder)
     meta = json.loads((folder / META).read_text())
-    video = meta["layout"] == "pixel_video"
+    video = meta["layout"] in ("pixel_video", "pixel_video_flow")
+    moving = meta["layout"] == "pixel_video_flow"  # conditioned on the direction too
     train_reward = DigitLogProb(target=3, path=str(folder.parent / "classifier"))
     ev_path = str(folder.parent / "evaluator")
     fl, eta = FLOW_SAMPLERS[flow] if flow else (None, 1.0)
@@ -112,7 +125,7 @@ def measure(folder: str | Path, per_class: int = 50, n_uncond: int = 200, seed: 
     first = None
     for w in guidances:
         t0 = time.time()
-        x, y = sample_classes(folder, per_class, seed=seed, steps=steps, guidance=w, eta=eta, flow=fl)
+        x, y = sample_classes(folder, per_class, seed=seed, steps=steps, guidance=w, eta=eta, flow=fl, moving=moving)
         if first is None:
             first = (x, y)
         acc, trn = [], []
@@ -124,7 +137,12 @@ def measure(folder: str | Path, per_class: int = 50, n_uncond: int = 200, seed: 
                  "classifier_acc": [round(a, 3) for a in trn], "classifier_acc_mean": round(sum(trn) / len(trn), 4),
                  "sampling_seconds": round(time.time() - t0, 1)}
         if video:
-            entry["motion"] = {k: round(v, 3) for k, v in motion_stats(x).items()}
+            entry["motion"] = {k: round(v, 3) for k, v in motion_stats(x, asked_directions(len(x)) if moving else None).items()}
+        if moving:
+            from rlr_dist.toy_world.rewards import DigitIdentity
+
+            with torch.no_grad():
+                entry["identity_mean"] = round(float(DigitIdentity(path=str(folder.parent / "classifier"))(to01(x)).mean()), 4)
         res["guidance"][str(w)] = entry
         log(f"  {folder.name} guidance {w}: evaluator accuracy {entry['evaluator_acc_mean']:.3f}, training classifier "
             f"{entry['classifier_acc_mean']:.3f} ({entry['sampling_seconds']:.0f}s)")
@@ -161,7 +179,7 @@ def write_report(assets: str | Path | None = None, doc: str | Path = "docs/toy-w
     save_grid(x, y, images / "digits-grid.png")
     log(f"measuring {assets / 'moving-digits'}")
     mov = measure(assets / "moving-digits", per_class=max(4, per_class // 3), n_uncond=100, seed=seed,
-                  guidances=(1.0, 2.0), log=log)
+                  guidances=(1.0, 2.0), log=log, flow="ode")
     x, y = mov.pop("_samples")
     save_gif(x, y, images / "moving-digits.gif")
     names = ["digits", "moving-digits"]
@@ -285,7 +303,7 @@ real gain from reward hacking. `rlr_dist.toy_world.asset_path(name)` gives the f
 | asset | what | layout / format |
 |---|---|---|
 | `digits` | class-conditional DDPM on sklearn's digits, 16×16, 268 k parameters | `pixel` (`UNet2DModel`) |
-| `moving-digits` | its video twin: 8 frames of 16×24, a digit sliding 1 px/frame | `pixel_video` (frames stacked as channels) |
+| `moving-digits` | its video twin: 8 frames of 16×24, a digit sliding 1 px/frame, conditioned on digit and direction | `pixel_video_flow` (`WanTransformer3DModel`, 1.0 M parameters) |
 | `digits-flow` | rectified-flow digits, 16×16, a tiny SD3 transformer (0.58 M parameters) | `pixel_flow` (`SD3Transformer2DModel`) |
 | `classifier` | digit CNN, the **training reward** `digit_logprob` | safetensors + `config.json` |
 | `evaluator` | other CNN on other data (MNIST), the **held-out** `digit_evaluator` | safetensors + `config.json` |
@@ -306,9 +324,21 @@ real gain from reward hacking. `rlr_dist.toy_world.asset_path(name)` gives the f
   `DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")`,
   ε-MSE, batch 128, AdamW (lr 2e-3, one-cycle, weight decay 1e-4, grad-norm clip 1). Class 10 is the null class,
   used for 10 % of training examples, so classifier-free guidance (CFG) works; the empty prompt selects it.
-- **moving-digits**: the same recipe on clips with the 8 frames stacked as channels, frame-major
-  (`(B, C, F, H, W)` → `(B, F·C, H, W)`), `sample_size=(16, 24)`, `block_out_channels=(24, 48, 48)`
-  (0.60 M parameters), batch 32.
+- **moving-digits**: rectified flow (the digits-flow recipe below) on a real video architecture, a tiny
+  `WanTransformer3DModel(patch_size=(2, 4, 4), num_attention_heads=4, attention_head_dim=32, in_channels=17,
+  out_channels=1, text_dim=14, freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True)` (1.0 M parameters):
+  full space-time self-attention over 4 × 4 × 6 = 96 patch tokens (2 frames × 4 × 4 pixels each) with Wan's 3-D
+  rotary positions. Conditioning: two one-hot tokens (the digit, 11 = 10 + null; the direction, left / right /
+  null) as the cross-attention context; the same two-hot vector as 14 constant input channels (as Wan's
+  image-to-video models take their conditioning channels); and two **coordinate channels**, frame index and
+  column, each from −1 to 1 (`rlr_model.json`: `coord_channels`). Wan's only positions are rotary, i.e. relative,
+  while a clip's digit sits at a column fixed by the frame index and the direction. Measured on the way (600-step
+  runs, 40 clips, ODE sampler): tokens alone left the direction at chance (0.52 after 2,400 steps); with the
+  constant channels 0.61; with the coordinate channels **1.00 within 200 steps**. Patches 2×4×4 at width 128
+  train 1.6× faster per step than 1×4×4 at width 96 and were as good after 600 steps (held-out per-frame
+  accuracy 0.17 vs 0.19, direction 1.0 for both). Digit and direction are each null for 10 % of examples,
+  independently (CFG; prompts `"3 moving right"`, `"three"`, `"moving left"`, `""`). Batch 32, AdamW (lr 1e-3,
+  one-cycle), weights stored in float16.
 - **digits-flow**: rectified flow `x_t = (1 − t)·x + t·ε`, velocity target `ε − x`, flow time `t` logit-normal
   (SD3's), model time `1000·t`, on `SD3Transformer2DModel(sample_size=16, patch_size=2, in/out_channels=1,
   num_layers=4, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=11, caption_projection_dim=64,
@@ -365,17 +395,23 @@ Unconditional (null-class) samples:
 ![digits, one row per class](images/digits-grid.png)
 
 ### moving digits (8 frames of 16×24, scored per frame)
+Sampler: 20-step Euler ODE (`model.flow.eval: ode`); prompts alternate `"<c> moving right"` / `"<c> moving left"`.
 Per class (fraction of *frames* classified as the conditioning class):
 
 {acc_rows(m, "clips")}
 
-Motion of the conditional clips (CFG 1): mean |centroid shift| {mot.get('mean_abs_shift_px', float('nan')):.2f} px/frame
-(training data 1.00), fraction moving right {mot.get('frac_right', float('nan')):.2f}.
-
-The shipped video twin is **undertrained** (1,000 steps of batch 32, the most that fit the time budget on the
-shared machine): frames are recognisable for some classes at CFG 2, but backgrounds are noisy grey and the motion
-is weaker than in the data. It is good enough for video conformance tests and for rewards that vary across
-samples (per-frame class, motion, smoothness), not as a quality reference; ~3,000+ steps give cleaner clips.
+Motion of the conditional clips (CFG 1): fraction moving the asked way (frame-to-frame displacement)
+**{mot.get('frac_asked_direction', float('nan')):.2f}**, mean |centroid step| {mot.get('mean_abs_shift_px', float('nan')):.2f}
+px/frame (training data 1.00); identity consistency (`digit_identity`, 0 = every frame the same digit)
+{m['guidance']['1.0'].get('identity_mean', float('nan')):.3f}. Held-out per-frame accuracy at CFG 1 / 2:
+{m['guidance']['1.0']['evaluator_acc_mean']:.2f} / {m['guidance']['2.0']['evaluator_acc_mean']:.2f}, against the image
+DDPM's {d['guidance']['1.0']['evaluator_acc_mean']:.2f} / {d['guidance']['2.0']['evaluator_acc_mean']:.2f}
+(quality bar: within 10 points at the better guidance; direction right on ≥ 90 % of clips). At CFG 2 the video
+model is {100 * (d['guidance']['2.0']['evaluator_acc_mean'] - m['guidance']['2.0']['evaluator_acc_mean']):.0f} points
+below the image model: its clips are blurrier (a 1 M-parameter transformer trained for {_fmt_secs(mm['seconds'])} on
+{mm['steps'] * mm.get('batch', 32) / 1000:.0f} k clips, against a convolutional UNet on
+{md['steps'] * md.get('batch', 128) / 1000:.0f} k images), and more training kept helping (0.38 at CFG 1 after 2,400
+steps of the first, coordinate-free model).
 
 Unconditional (null-class) clips:
 {uncond(m, "clips")}

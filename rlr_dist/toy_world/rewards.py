@@ -5,6 +5,13 @@ package's ``rlr_dist.rewards`` entry points (the core never imports the toy worl
   to fine-tune against. Differentiable.
 * ``digit_evaluator`` — ``log p(target | image)`` under the *held-out* evaluator (another architecture trained
   on MNIST); use it to check that a gain in the training reward is real and not reward hacking.
+* ``digit_identity``  — identity consistency of a clip: ``−mean_f KL(p̄ ‖ p_f)`` of the training classifier's
+  per-frame class probabilities ``p_f`` against their clip mean ``p̄`` (0 when every frame reads the same).
+  Differentiable; a video reward.
+* ``video_evaluator_hit`` — the held-out *video* evaluator: 1 when the held-out evaluator reads the target
+  digit on most frames and (with ``direction``) the clip moves that way, measured by frame-to-frame
+  displacement (:func:`rlr_dist.rewards.video.frame_shifts`), not by the centre of mass the ``motion``
+  training reward reads; neither part shares weights or code with a training reward.
 * :func:`evaluate_digits` — summary numbers for reports (mean log p(target), fraction predicted as target,
   per-class prediction counts, entropy of the predicted classes).
 
@@ -151,3 +158,84 @@ def evaluate_digits(images: Tensor, target: int | None = None, path: str | None 
     and, with ``target``: ``mean_logp_target``, ``std_logp_target`` and ``frac_target``.
     """
     return _summary(_cached(str(path) if path else None, which), images, target)
+
+
+def _frame_probs(model: torch.nn.Module, video: Tensor) -> Tensor:
+    """Per-frame class log-probabilities ``(B, F, 10)`` of a clip ``(B, C, F, H, W)``."""
+    if video.dim() != 5:
+        raise RewardError(f"video digit rewards take (B, C, F, H, W); got {tuple(video.shape)}")
+    frames, Fr = _to_frames(video)
+    return torch.log_softmax(model(frames).float(), dim=1).reshape(video.shape[0], Fr, -1)
+
+
+@REWARDS.register("digit_identity")
+class DigitIdentity(Reward):
+    """Identity consistency: ``−(1/F) Σ_f KL(p̄ ‖ p_f)`` with ``p_f`` the training classifier's class
+    probabilities on frame ``f`` and ``p̄`` their mean over the clip — 0 when every frame reads as the same
+    digit, negative when the digit changes between frames. Differentiable."""
+
+    differentiable = True
+    modality = "video"
+
+    def __init__(self, path: PathArg | None = None):
+        super().__init__()
+        self.classifier = _load(path, "classifier")
+
+    def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
+        logp = _frame_probs(self.classifier, images)  # (B, F, 10)
+        p_bar = logp.exp().mean(dim=1, keepdim=True)
+        kl = (p_bar * (p_bar.clamp_min(1e-12).log() - logp)).sum(-1)  # (B, F)
+        return -kl.mean(dim=1)
+
+
+@REWARDS.register("video_evaluator_hit")
+class VideoEvaluatorHit(Reward):
+    """The held-out video evaluator: 1 when the held-out evaluator's top class is ``target`` on at least half
+    of the frames and, with ``direction``, the clip's net frame-to-frame displacement points that way; else 0.
+    The mean over clips is the fraction of clips that show the target digit moving the right way.
+    ``eval_metrics`` splits it: per-frame digit accuracy, fraction moving the right way, fraction whose top
+    class is the same on every frame, and the entropy of the clips' majority classes."""
+
+    differentiable = False
+    modality = "video"
+
+    def __init__(self, target: int = 3, direction: str | None = "right", path: PathArg | None = None):
+        super().__init__()
+        self.check_params(target, direction, path)
+        self.target, self.direction = int(target), direction
+        self.evaluator = _load(path, "evaluator")
+
+    @classmethod
+    def check_params(cls, target: int = 3, direction: str | None = "right", path: PathArg | None = None) -> None:
+        _check_target(target)
+        check_param("direction", direction in (None, "right", "left"),
+                    f"must be 'right', 'left' or null, got {direction!r}")
+
+    @classmethod
+    def eval_metric_names(cls) -> list[str]:
+        return ["frac_digit_frames", "frac_direction", "frac_identity", "class_entropy"]
+
+    @torch.no_grad()
+    def parts(self, images: Tensor) -> dict[str, Tensor]:
+        from rlr_dist.rewards.video import frame_shifts
+
+        pred = _frame_probs(self.evaluator, images).argmax(-1)  # (B, F)
+        digit = (pred == self.target).float()
+        shift = frame_shifts(images).sum(dim=1)
+        if self.direction is None:
+            moving = torch.ones_like(shift, dtype=torch.bool)
+        else:
+            moving = shift > 0 if self.direction == "right" else shift < 0
+        return {"digit_frames": digit.mean(dim=1), "moving": moving.float(), "majority": pred.mode(dim=1).values,
+                "identity": (pred == pred[:, :1]).all(dim=1).float()}
+
+    def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
+        p = self.parts(images)
+        return ((p["digit_frames"] >= 0.5) & (p["moving"] > 0)).float()
+
+    def eval_metrics(self, images: Tensor, prompts: Sequence[str] | None = None) -> dict[str, float]:
+        p = self.parts(images)
+        counts = torch.bincount(p["majority"], minlength=10).float()
+        q = counts[counts > 0] / counts.sum()
+        return {"frac_digit_frames": float(p["digit_frames"].mean()), "frac_direction": float(p["moving"].mean()),
+                "frac_identity": float(p["identity"].mean()), "class_entropy": max(0.0, float(-(q * q.log2()).sum()))}
