@@ -38,6 +38,8 @@ class Batch:
     reward: ``R`` per sample (B,); reward_grad: ``∂R/∂x_0`` (same shape as ``x_0``) when the reward
     is differentiable — computed wherever the reward model lives and passed in as a tensor.
     reward_fn: a black-box reward ``(x_0, cond) -> R`` for estimators that query it again (SPSA).
+    batch_reward: the rewards of the whole optimiser step (every chunk, every learner) when this batch is a part
+    of it; ``None``: this batch is the whole step. Read by estimators that normalise over the whole batch.
     """
 
     traj: Trajectory
@@ -47,6 +49,7 @@ class Batch:
     regulariser: Regulariser = field(default_factory=lambda: REGULARISERS.build("none"))
     advantages: Advantages = field(default_factory=Advantages)
     reward_fn: RewardFn | None = None
+    batch_reward: Tensor | None = None
 
     def __post_init__(self) -> None:
         # 1 = exact log-densities; 1/D under a flow schedule's mean_compat reduction (every likelihood-ratio
@@ -154,8 +157,13 @@ class Estimator(ABC):
     ``module:Class``). Constructor arguments are the config's parameters; annotate them (types are checked
     and coerced) and raise :class:`~rlr_dist.registry.ParamError` for a bad value."""
 
-    #: needs ∂R/∂x_0 (a differentiable reward)
+    #: needs ∂R/∂x_0 (a differentiable reward); a config pairing it with a black-box reward is refused
     needs_reward_grad: bool = False
+
+    def reward_grad_reason(self) -> str:
+        """Why this estimator needs ``∂R/∂x_0``, naming the config field that makes it so when one does; the
+        config error that refuses a black-box reward (before anything starts) quotes it."""
+        return "it back-propagates the reward"
 
     def check(self, schedule: GaussianSchedule) -> None:
         """Raise a clear ValueError if this estimator cannot run on ``schedule`` (before any sampling)."""
@@ -165,6 +173,20 @@ class Estimator(ABC):
 
     @abstractmethod
     def terms(self, batch: Batch) -> Iterator[tuple[str, Tensor]]: ...
+
+    #: optimiser steps one learner call makes. With more than one, the learner back-propagates the terms of
+    #: :meth:`phase_terms` ``(batch, 0)`` over all its chunks, steps the optimiser (which zeroes the gradients),
+    #: then those of phase 1, ...; the caller makes the last step as for any estimator. Without an optimiser (the
+    #: Monte-Carlo harness, gradient draws) the phases accumulate at the same weights: the sum of the per-phase
+    #: gradients, which is what :meth:`terms` must yield.
+    optimizer_steps: int = 1
+
+    def phase_terms(self, batch: Batch, phase: int) -> Iterator[tuple[str, Tensor]]:
+        """The terms of optimiser step ``phase`` (``0 <= phase <`` :attr:`optimizer_steps`); one phase: :meth:`terms`."""
+        return self.terms(batch)
+
+    #: takes a regulariser (``False``: a config with an active one is refused, naming ``regulariser.name``)
+    takes_regulariser: bool = True
 
     #: the estimator reads per-term gradient norms (``gnorm/<term>``) in :meth:`observe`; the learner then
     #: measures them (one extra ``autograd.grad`` per term, no extra backward through the model)

@@ -124,6 +124,11 @@ class TruncatedBP(Estimator):
         self.fixed_steps: tuple[int, ...] | None = None  # steps above K: no gradient (set by check)
         self._segment: tuple[int, tuple[int, int, int]] | None = None  # (T, shape of the longest segment), by check
 
+    def reward_grad_reason(self) -> str:
+        K = (f"estimator.k_min: {self.k_min}, estimator.k_max: {self.k_max}" if self.k_min is not None
+             else f"estimator.K: {self.K}")
+        return f"it back-propagates the reward through the last K steps ({K})"
+
     def top(self, T: int) -> int:
         """The highest step a segment starts from (random K: ``k_max``)."""
         return min(self.k_max if self.k_min is not None else self.K, T)
@@ -176,6 +181,9 @@ class FullBP(TruncatedBP):
 
     def top(self, T: int) -> int:
         return T
+
+    def reward_grad_reason(self) -> str:
+        return "it back-propagates the reward through every step"
 
     def check(self, schedule: GaussianSchedule) -> None:
         self.fixed_steps = ()

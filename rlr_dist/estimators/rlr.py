@@ -63,6 +63,10 @@ class RLR(Estimator):
         self.reads_term_norms = j_law == "softmax"
         self.step_norm: dict[int, float] = {}  # EMA of per-step gradient norms (softmax j-law)
 
+    def reward_grad_reason(self) -> str:
+        return ("its first-order term back-propagates the reward through step 1 (estimator.fo: true; "
+                "estimator.fo: false makes it a black-box estimator)")
+
     # ------------------------------------------------------------------ which steps go where
     def j_candidates(self, T: int) -> list[int]:
         lo = 2 if self.fo else 1

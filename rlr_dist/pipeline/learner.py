@@ -110,7 +110,8 @@ def learner_loop(config: dict) -> None:
         t_wait = time.perf_counter() - t_it
         every = [s for part in gather(summaries) for s in part]
         t_learn = time.perf_counter()
-        terms = core.learn(model, mine, every, backward=engine.backward)
+        # engine.step between the phases of an estimator that steps several times per iteration (rlr_release)
+        terms = core.learn(model, mine, every, backward=engine.backward, optimizer_step=engine.step)
         summed: dict[str, float] = {}
         for part in gather(terms):
             for k, v in part.items():

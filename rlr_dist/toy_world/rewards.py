@@ -3,6 +3,8 @@ package's ``rlr_dist.rewards`` entry points (the core never imports the toy worl
 
 * ``digit_logprob``   — ``log p(target | image)`` under the *training* classifier (sklearn digits); the reward
   to fine-tune against. Differentiable.
+* ``digit_hit``       — 1 when the *training* classifier's argmax is the target, else 0 (video: the fraction
+  of frames); a black-box training reward (not differentiable: estimators that need ``∂R/∂x_0`` refuse it).
 * ``digit_evaluator`` — ``log p(target | image)`` under the *held-out* evaluator (another architecture trained
   on MNIST); use it to check that a gain in the training reward is real and not reward hacking.
 * ``digit_identity``  — identity consistency of a clip: ``−mean_f KL(p̄ ‖ p_f)`` of the training classifier's
@@ -112,18 +114,28 @@ class DigitEvaluator(DigitLogProb):
     default_asset = "evaluator"
 
 
-@REWARDS.register("digit_evaluator_hit")
-class DigitEvaluatorHit(DigitLogProb):
-    """1 when the held-out evaluator's top class is ``target``, else 0: its mean over samples is the
-    fraction of samples the evaluator reads as the target digit (a report metric, not a training reward)."""
+@REWARDS.register("digit_hit")
+class DigitHit(DigitLogProb):
+    """1 when the *training* classifier's top class is ``target``, else 0 — a black-box training reward (an
+    argmax has no useful gradient). Video: the fraction of frames read as ``target``. The held-out evaluator's
+    counterpart is ``digit_evaluator_hit``; this one never loads the evaluator."""
 
     differentiable = False
-    default_asset = "evaluator"
+    default_asset = "classifier"
 
+    @torch.no_grad()
     def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
         frames, Fr = _to_frames(images)
         hit = (self.classifier(frames).argmax(1) == self.target).float()
         return hit.reshape(-1, Fr).mean(1)
+
+
+@REWARDS.register("digit_evaluator_hit")
+class DigitEvaluatorHit(DigitHit):
+    """1 when the held-out evaluator's top class is ``target``, else 0: its mean over samples is the
+    fraction of samples the evaluator reads as the target digit (a report metric, not a training reward)."""
+
+    default_asset = "evaluator"
 
 
 @lru_cache(maxsize=4)

@@ -199,10 +199,14 @@ class TrainConfig:
               "ZeRO-3 with LoRA is not supported yet (DeepSpeed leaves peft's adapter tensors unpartitioned); "
               "use zero_stage <= 2 with LoRA (its state is small), or finetune: full")
         est = self.make_estimator()
-        self.make_regulariser()
+        reg = self.make_regulariser()
+        check(est.takes_regulariser or not reg.active, "regulariser.name",
+              f"estimator {self.estimator.name!r} takes no regulariser, got {self.regulariser.name!r} "
+              "(use regulariser: {name: none})")
         check(not est.needs_reward_grad or self.reward.differentiable(), "reward.name",
-              f"{self.reward.name!r} is not differentiable, but estimator {self.estimator.name!r} needs "
-              "∂R/∂x_0 (use a black-box estimator, e.g. lr, or rlr with fo: false)")
+              f"{self.reward.name!r} is not differentiable (a black-box reward), but estimator "
+              f"{self.estimator.name!r} needs ∂R/∂x_0: {est.reward_grad_reason()}. Use an estimator that needs "
+              "reward values only (lr, or rlr with fo: false) or a differentiable reward")
 
     def resolved(self, base: str | Path) -> "TrainConfig":
         """A copy with every relative local path made absolute against ``base`` (the directory the run is
@@ -257,7 +261,9 @@ class TrainConfig:
         covers (``fixed_steps``, over every window the run can draw) and a one-line bias statement."""
         est = est or self.make_estimator()
         stoch = [k for k in range(1, schedule.T + 1) if schedule.stochastic(k)]
-        if "fixed_steps" not in est.describe():
+        if est.describe().get("bias"):  # an estimator biased by design says how
+            bias = est.describe()["bias"]
+        elif "fixed_steps" not in est.describe():
             bias = f"not stated: estimator {self.estimator.name!r} reports no fixed steps"
         elif fixed:
             bias = (f"biased: steps {fixed} are fixed (no term covers them; their gradient is dropped). Use "

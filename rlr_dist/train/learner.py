@@ -73,12 +73,15 @@ class Learner:
         return works
 
     def learn(self, model: DiffusionModel, chunks: Sequence[step.Chunk], summaries: Sequence[dict],
-              backward: Callable[[Tensor], None] | None = None) -> dict[str, float]:
+              backward: Callable[[Tensor], None] | None = None,
+              optimizer_step: Callable[[], None] | None = None) -> dict[str, float]:
         """Back-propagate this process's ``chunks`` (``summaries``: the whole iteration's, for the weights
-        and the reward scale). Per-term gradient norms are measured when the estimator reads them."""
+        and the reward scale). Per-term gradient norms are measured when the estimator reads them.
+        ``optimizer_step``: steps the optimiser (and zeroes the gradients) between the phases of an estimator
+        that makes several optimiser steps per call (``estimator.optimizer_steps``); the caller makes the last."""
         all_R = torch.cat([s["reward"] for s in summaries])
         return step.learn(model, self.estimator, self.regulariser, self.advantages, chunks, all_R, backward,
-                          track_norms=self.estimator.reads_term_norms)
+                          track_norms=self.estimator.reads_term_norms, optimizer_step=optimizer_step)
 
     def finish(self, iteration: int, summaries: Sequence[dict], term_stats: dict[str, float],
                grad_norm: float | None) -> dict:

@@ -46,6 +46,15 @@ def train_local(cfg: TrainConfig, iterations: int | None = None,
     params = model.trainable_parameters()
     opt = make_optimizer(cfg, params) if optimizer is None else optimizer
     n_chunks = chunks_per_iteration(cfg)
+
+    def optimizer_step() -> None:
+        """One optimiser step; the learner calls it between the phases of an estimator that steps several
+        times per iteration (``estimator.optimizer_steps``), the loop below makes the last."""
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     end = iterations if iterations is not None else cfg.train.iterations
     history = []
     for it in range(start, end):
@@ -56,7 +65,7 @@ def train_local(cfg: TrainConfig, iterations: int | None = None,
         summaries = [step.summarise(c) for c in chunks]
         t2 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        terms = learner.learn(model, chunks, summaries)
+        terms = learner.learn(model, chunks, summaries, optimizer_step=optimizer_step)
         gnorm = step.grad_norm(params)
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)

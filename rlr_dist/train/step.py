@@ -133,29 +133,39 @@ def summarise(chunk: Chunk) -> dict:
 
 def learn(model: DiffusionModel, estimator: Estimator, regulariser: Regulariser, advantages: Advantages,
           chunks: Sequence[Chunk], all_rewards: Tensor, backward: Callable[[Tensor], None] | None = None,
-          track_norms: bool = False) -> dict[str, float]:
+          track_norms: bool = False, optimizer_step: Callable[[], None] | None = None) -> dict[str, float]:
     """Back-propagate the estimator's surrogate loss over ``chunks`` (gradients accumulate in ``.grad``;
     the caller steps the optimiser). Each chunk is one :class:`Batch`, weighted by its share of the
     iteration's samples (``all_rewards``: every learner's, which also sets a batch-wide reward scale).
     Returns per-term ``loss/<term>`` (and ``gnorm/<term>`` with ``track_norms``) summed over the chunks.
-    Each chunk's chain is the one it was sampled with (its plan's flow window)."""
+    Each chunk's chain is the one it was sampled with (its plan's flow window).
+
+    An estimator with ``optimizer_steps > 1`` (the authors' released loop, ``rlr_release``) is learned in
+    phases: phase p's terms over every chunk, then ``optimizer_step()`` (step the optimiser and zero the
+    gradients) before phase p + 1; the caller makes the last step, so the gradient left in ``.grad`` is the
+    last phase's. Without ``optimizer_step`` the phases accumulate at the same weights (their sum)."""
     chains: dict = {}
     total = len(all_rewards)
     params = model.trainable_parameters() if track_norms else None
     out: dict[str, float] = {}
-    for c in chunks:
-        w = c.traj.batch_size / total
-        window = c.traj.plan.window
-        if window not in chains:
-            chains[window] = model.chain(window=window)
-        chain = chains[window]
-        b = Batch(traj=c.traj.to(model.device), chain=chain, reward=c.reward.to(model.device),
-                  reward_grad=None if c.reward_grad is None else c.reward_grad.to(model.device),
-                  regulariser=regulariser, advantages=advantages)
-        b.scale = advantages.scale_factor(all_rewards)
-        terms = ((name, w * loss) for name, loss in estimator.terms(b))
-        for key, v in backward_terms(terms, params, track_norms, backward).items():
-            out[key] = out.get(key, 0.0) + v
+    phases = estimator.optimizer_steps
+    for phase in range(phases):
+        if phase and optimizer_step is not None:
+            optimizer_step()
+        for c in chunks:
+            w = c.traj.batch_size / total
+            window = c.traj.plan.window
+            if window not in chains:
+                chains[window] = model.chain(window=window)
+            chain = chains[window]
+            b = Batch(traj=c.traj.to(model.device), chain=chain, reward=c.reward.to(model.device),
+                      reward_grad=None if c.reward_grad is None else c.reward_grad.to(model.device),
+                      regulariser=regulariser, advantages=advantages, batch_reward=all_rewards)
+            b.scale = advantages.scale_factor(all_rewards)
+            parts = estimator.terms(b) if phases == 1 else estimator.phase_terms(b, phase)
+            terms = ((name, w * loss) for name, loss in parts)
+            for key, v in backward_terms(terms, params, track_norms, backward).items():
+                out[key] = out.get(key, 0.0) + v
     return out
 
 
