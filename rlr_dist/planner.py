@@ -299,8 +299,12 @@ class Profile:
         return max((n for _, n in self.units), default=0)
 
     def unit_inputs(self) -> int:
-        """Elements of every unit's input: what per-block checkpointing keeps of one call."""
-        return sum(n for _, n in self.units)
+        """Elements of every block's input: what per-block checkpointing keeps of one call."""
+        return sum(n for k, n in self.units if k != "head")
+
+    def head_saved(self, precision: str, mode: str) -> float:
+        """Saved bytes of the output head, which per-block checkpointing does not recompute."""
+        return sum(COEF[precision][mode][k] * n for k, n in self.units if k == "head")
 
     def largest_saved(self, precision: str, mode: str) -> float:
         """Saved bytes of the largest unit: one block recomputed in backward under per-block checkpointing."""
@@ -324,9 +328,11 @@ def profile(module: nn.Module, call) -> Profile:
     names = {n: unit_kind(m) for n, m in module.named_modules()}
     unit_names = [n for n, k in names.items() if k in UNIT_KINDS]
     outer = [n for n in unit_names if not any(n.startswith(u + ".") for u in unit_names if u != n)]
-    # GroupNorm -> activation -> conv output heads outside every unit (UNet conv_norm_out, VAE decoder's)
-    heads = [n for n, k in names.items() if k == "GroupNorm" and not any(n.startswith(u + ".") for u in unit_names)
-             and n.split(".")[-1] in ("conv_norm_out", "norm_out")]
+    # output heads outside every unit: GroupNorm -> activation -> conv (UNet conv_norm_out, VAE decoder's), and
+    # Wan's norm -> modulation -> proj_out, which saves about as much per element (measured 12.4 B in fp32)
+    heads = [n for n, k in names.items() if not any(n.startswith(u + ".") for u in unit_names) and (
+             (k == "GroupNorm" and n.split(".")[-1] in ("conv_norm_out", "norm_out"))
+             or (k == "FP32LayerNorm" and n == "norm_out"))]
 
     def hook(kind):
         def pre(mod, args, kwargs):
@@ -337,8 +343,10 @@ def profile(module: nn.Module, call) -> Profile:
             if kind == "TransformerTemporalModel":  # saves in proportion to its inner width (heads × head dim),
                 n = n * mod.proj_in.out_features // mod.proj_in.in_features  # which UNet3D's transformer_in widens
             if kind == "WanTransformerBlock":  # calibrated at ffn_dim = 4·dim; each further ffn width saves 8/120
-                proj = mod.ffn.net[0].proj  # of the block's bytes (measured: linear in the ratio, 88 + 8·r B/elem)
-                n = int(n * (11 + proj.out_features / proj.in_features) / 15)
+                proj = mod.ffn.net[0].proj  # of the block's bytes (measured: linear in the ratio, 88 + 8·r B/elem);
+                ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)  # cross-attention
+                n = int(n * (11 + proj.out_features / proj.in_features) / 15  # keys and values over the text:
+                        + (0 if ctx is None else ctx.numel() / 6))             # ~20 B per text element (measured)
             if kind in JOINT_KINDS:  # the text stream goes through the block beside the image tokens
                 ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
                 n += 0 if ctx is None else ctx.numel()
@@ -518,7 +526,7 @@ def plan(cfg, gpu: str, arch: Arch) -> list[Role]:
     est, bp = estimator_backprop(cfg)
     seg, bp_calls, ckpt = bp.segment, bp.calls, bp.checkpointed
     if per_block:  # every block input of the segment's calls kept, one block's activations at a time
-        kept = up.unit_inputs() * (2 if bf16_weights else 4) * chunk * cfg_mult
+        kept = (up.unit_inputs() * (2 if bf16_weights else 4) + up.head_saved(prec, mode)) * chunk * cfg_mult
         block = up.largest_saved(prec, mode) * chunk * cfg_mult
         act = (kept + bp.steps * latent * chunk * cfg_mult if ckpt else seg * kept) + block
         recompute = 4 / 3

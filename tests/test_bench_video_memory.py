@@ -31,6 +31,8 @@ def test_memory_is_linear_in_frames_and_checkpointing_cuts_it(results):
     wan = [by[("pixel_video_flow", r, 4)]["measured"] for r in ("full_bp, checkpoint per call",
                                                                    "full_bp, checkpoint per block", "full_bp")]
     assert wan[0] < wan[1] < wan[2]
+    per_block = by[("pixel_video_flow", "full_bp, checkpoint per block", 4)]
+    assert 0 < per_block["kept"] < per_block["measured"] / 2   # the checkpoints' inputs, counted beside autograd's
     assert ("t2v", "full_bp, checkpoint per block", 4) not in by    # UNets checkpoint per call only
 
 
@@ -38,11 +40,12 @@ def test_planner_estimate_is_close_to_the_measurement(results):
     for r in results:
         err = r["estimated"] / r["measured"] - 1
         if r["row"] == "full_bp, checkpoint per block":
-            # the activations outside the blocks (patch embedding, output norm and projection) are not counted:
-            # an under-estimate for a 2-block model, documented in the report
-            assert -0.7 < err < 0, r
+            # outside the blocks only the output head is counted (not the patch embedding's input nor the chain's
+            # per-step tensors), which a 2-block model of width 24 makes a large share: an under-estimate,
+            # documented in the report
+            assert -0.6 < err < 0, r
         else:
-            assert abs(err) < 0.15, r
+            assert abs(err) < 0.10, r
 
 
 def test_report_shows_every_case_and_the_ratios(results):

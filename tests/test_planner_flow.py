@@ -74,7 +74,11 @@ def test_transformer_blocks_are_units_over_image_and_text_tokens():
     assert {n for _, n in flux.units} == {(64 * 64 + 512) * 3072}
     wan = P.arch_of(ModelConfig(sampler="flow", num_frames=61, resolution=[480, 832]), "wan21-t2v-1.3b")
     assert wan.latent == (16, 16, 60, 104) and wan.frames == 61 and wan.temporal == 4
-    assert {n for _, n in P.unet_profile(wan)[0].units} == {16 * 30 * 52 * 1536}
+    wan_units = P.unet_profile(wan)[0].units
+    tokens = 16 * 30 * 52 * 1536  # blocks count at their ffn ratio (8960 / 1536); the output head at its width
+    text = 512 * 1536  # UMT5 tokens x width: cross-attention keys and values, a sixth of an image element each
+    assert {n for k, n in wan_units if k == "WanTransformerBlock"} == {int(tokens * (11 + 8960 / 1536) / 15 + text / 6)}
+    assert [n for k, n in wan_units if k == "head"] == [tokens]
 
 
 @pytest.mark.parametrize("case, call_tol, step_tol", [

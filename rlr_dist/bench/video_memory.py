@@ -9,7 +9,8 @@ on a trajectory sampled by :func:`~rlr_dist.train.step.rollout`), T = 6 steps, a
 * **measured** — the peak of the bytes autograd holds for backward (:class:`~rlr_dist.memory.SavedTensorMeter`).
   Checkpointing hides the activations it recomputes in backward from that counter, so checkpointed rows add what
   one recompute holds, measured separately on the same model: one whole model call (checkpoint per call) or the
-  largest transformer block (checkpoint per block);
+  largest transformer block (checkpoint per block), and per block also the blocks' inputs the checkpoints keep
+  alive until backward (:class:`checkpoint_inputs`; autograd's saved-tensor hooks do not see them);
 * **estimated** — the ``activations`` entry of the learner role of :func:`rlr_dist.planner.plan` for the same
   config (the planner reads the model's configs only, on the meta device);
 * **seconds** — wall time of the step (backward included) on this machine.
@@ -95,6 +96,34 @@ def recompute_bytes(model, cond, x) -> dict[str, int]:
     return {"call": meter.peak, "block": max(sizes)}
 
 
+class checkpoint_inputs:
+    """Bytes of the distinct tensors passed into the model's transformer blocks with grad enabled — what
+    per-block checkpointing keeps alive until backward. Autograd's saved-tensor hooks cannot see them (the
+    checkpoint holds its inputs itself), so they are counted from the blocks' arguments; a block re-run in
+    backward gets the same tensors and is not counted twice."""
+
+    def __init__(self, model, exclude) -> None:
+        self.seen = {t.data_ptr() for t in exclude}
+        self.bytes = 0
+
+        def pre(mod, args, kwargs):
+            if torch.is_grad_enabled():
+                for t in [*args, *kwargs.values()]:
+                    for x in (t if isinstance(t, (tuple, list)) else (t,)):
+                        if isinstance(x, torch.Tensor) and x.data_ptr() not in self.seen:
+                            self.seen.add(x.data_ptr())
+                            self.bytes += x.numel() * x.element_size()
+
+        nets = [model.unet, *model.frozen_modules().values()]  # the reference copy's blocks are checkpointed too
+        self.handles = [b.register_forward_pre_hook(pre, with_kwargs=True)
+                        for net in nets for b in getattr(net, "blocks", [])]
+
+    def close(self) -> int:
+        for h in self.handles:
+            h.remove()
+        return self.bytes
+
+
 def measure(folder: Path, layout: str, frames: int, estimator: dict, model_over: dict, out: Path,
             recompute: dict | None = None) -> dict:
     """One learner step of ``estimator`` on the model in ``folder``: measured and estimated activation bytes."""
@@ -115,19 +144,24 @@ def measure(folder: Path, layout: str, frames: int, estimator: dict, model_over:
     traj = [v for v in vars(chunk.traj).values() if isinstance(v, torch.Tensor)]
     traj += [*chunk.traj.x.values(), *chunk.traj.eps.values()]
     exclude = _statics(model) + traj + [chunk.reward] + ([chunk.reward_grad] if chunk.reward_grad is not None else [])
+    per_block = bool(model_over.get("gradient_checkpointing")) and model.checkpoints_blocks
+    held = checkpoint_inputs(model, exclude) if per_block else None
     t0 = time.perf_counter()
-    with SavedTensorMeter(exclude) as meter:
-        step.learn(model, est, reg, Advantages("loo"), [chunk], chunk.reward)
+    try:
+        with SavedTensorMeter(exclude) as meter:
+            step.learn(model, est, reg, Advantages("loo"), [chunk], chunk.reward)
+    finally:
+        kept = held.close() if held is not None else 0
     seconds = time.perf_counter() - t0
-    added = 0
+    added = kept
     if recompute is not None:
         if estimator.get("checkpoint"):
-            added = recompute["call"]
+            added += recompute["call"]
         elif model_over.get("gradient_checkpointing"):
-            added = recompute["block"] if model.checkpoints_blocks else recompute["call"]
+            added += recompute["block"] if model.checkpoints_blocks else recompute["call"]
     roles = P.plan(cfg, "h100-80gb", P.arch_of(cfg.model))
     learner = next(r for r in roles if r.name == "learner")
-    return {"measured": meter.peak + added, "counted": meter.peak, "recompute": added,
+    return {"measured": meter.peak + added, "counted": meter.peak, "recompute": added - kept, "kept": kept,
             "estimated": learner.memory["activations"], "seconds": seconds}
 
 
@@ -178,7 +212,9 @@ def report(results: list[dict], seconds: float) -> str:
              f"{seconds:.0f} s on this machine (CPU). One learner step (T = {T}, batch {BATCH}, no CFG, full "
              "fine-tuning, `kl_exact`) per estimator on tiny random models of both video architectures. **Measured**: "
              "peak bytes autograd holds for backward (`SavedTensorMeter`), plus, for checkpointed rows, what one "
-             "recompute holds (one model call, or the largest transformer block), measured on the same model. "
+             "recompute holds (one model call, or the largest transformer block), measured on the same model, and, "
+             "checkpointing per block, the blocks' inputs the checkpoints keep (counted from the tensors passed to "
+             "the blocks: autograd's hooks do not see them). "
              "**Planner**: the learner's `activations` from `rlr_dist.planner.plan` for the same config. Error = "
              "planner / measured − 1.", ""]
     for layout, title in ARCHS.items():
@@ -227,9 +263,15 @@ NOTES = """
   checkpointing per transformer block keeps every call's block inputs *and* its activations outside the blocks
   (patch embedding, output norm and projection), so it sits between the two on these 2-block models and is the
   cheaper of the two only when a call's blocks dominate (30–40 blocks in the published Wan models).
-- **The planner**: within 10 % of the measurement for every row but per-block checkpointing, where the activations
-  outside the blocks (about 12 bytes per token × width element, measured) are not counted — on a 2-block model
-  they are as large as the kept block inputs; on Wan 2.1 1.3B (30 blocks) they are under 10 % of them.
+- **The planner**: within 10 % of the measurement for every row but per-block checkpointing (largest error in the
+  tables above). Wan's output head (norm → modulation → `proj_out`, 12.4 bytes per token × width element,
+  measured; the UNet output head's coefficient, 12.0) was the uniform −11 % on every Wan row and is now counted.
+  Per block, the checkpoints keep the blocks' inputs themselves, where autograd's saved-tensor hooks cannot see
+  them; the benchmark counts them from the tensors passed to the blocks (policy and reference copy). What the
+  planner still leaves out is everything else outside the blocks: the patch embedding's input (in_channels ×
+  patch volume = 36 values per token against a width of 24 here; 64 against 1,536 in Wan 2.1 1.3B) and the
+  chain's per-step tensors, which a 2-block model of width 24 makes a third of a call's bytes; with 30 blocks of
+  width 1,536 they are well under 1 % (from the shapes, not measured on the real model).
   Fixed for this benchmark: UNet3D's `transformer_in` (a `TransformerTemporalModel` of inner width 8 heads ×
   `attention_head_dim`, 4× its input channels here) is counted at its inner width (it was the ~20 % video gap);
   the exact KL's reference calls are counted with the frozen-weight coefficients; a chain with a deterministic
