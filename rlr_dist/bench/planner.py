@@ -242,9 +242,11 @@ NOTES = """
   architectures: `rlr-dist bench video-memory` (`docs/results/video-memory.md`).
 - **Flow transformers** (`tests/test_planner_flow.py`): joint / single / Wan blocks measured here like the
   UNet units, counted over image and text tokens; Wan blocks calibrated at `ffn_dim = 4·dim` and scaled to their
-  own ratio (the published 1.3B / 14B have 5.83 / 2.70); embeddings and norms outside the blocks are not counted
-  (about 12 bytes per token × width element, ~10 % of a block: it matters under per-block checkpointing of a
-  model with few blocks, `docs/results/video-memory.md`). Tiny SD3 / FLUX / Wan within 15 % per call.
+  own ratio (the published 1.3B / 14B have 5.83 / 2.70), plus their cross-attention keys and values over the text
+  tokens (~20 bytes per text element); Wan's output head (norm, modulation, `proj_out`: 12.4 bytes per token ×
+  width element, measured) is counted like the UNet's. The patch embedding's input is not (in_channels × patch
+  volume per token: 64 values against a width of 1,536 in Wan 2.1; it matters only for tiny models under
+  per-block checkpointing, `docs/results/video-memory.md`). Tiny SD3 / FLUX / Wan within 15 % per call.
 - **Assumed, not measured**: attention runs through a fused SDPA kernel (flash / memory-efficient: O(tokens)
   saved); if a GPU falls back to the math kernel (odd head sizes), each attention also saves
   heads × tokens² scores and the estimate is far too low. Optimizer / gradient bytes by ZeRO stage follow the
