@@ -5,9 +5,10 @@ Steps ``k = T..1`` are split into
   * HO: the block ``S = {j, ..., j+h-1}``: re-run pathwise from ``sg(x_{j+h-1})`` with the stored noises,
     likelihood ratio at its lowest step j: ``−sg(A^(j)) ⟨m_j(θ), sg ε_j⟩/σ_j``;
   * ZO: the remaining steps ``C`` — inherent-noise likelihood ratio on all of C (``zo="lr"``), on K
-    uniformly drawn steps weighted ``|C|/K`` (``"lr_sampled"``), a seeded two-point parameter
-    perturbation shared by C (``"spsa"``, MeZO-style, no parameter copy), or nothing (``"none"``, the
-    biased ablation V2).
+    uniformly drawn steps weighted ``|C|/K`` (``"lr_sampled"``; with ``zo_sampling="variance"`` drawn
+    ∝ the running per-step term norms and weighted ``1/π_k``, see :func:`systematic_sample`), a seeded
+    two-point parameter perturbation shared by C (``"spsa"``, MeZO-style, no parameter copy), or nothing
+    (``"none"``, the biased ablation V2).
 Every step is covered exactly once, so for any ``h`` and any law of ``j`` the estimate is unbiased
 (SPSA: for the parameter-smoothed objective, O(s_p²)). ``fo=False`` is the black-box-reward mode:
 step 1 joins C (it then needs σ_1 > 0) and the block may start at j = 1.
@@ -22,6 +23,8 @@ the parameter perturbation covers deterministic steps of C itself, so nothing is
 """
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -36,13 +39,57 @@ from rlr_dist.estimators.base import (DETERMINISTIC_MODES, ESTIMATORS, Backprop,
 
 ZO_MODES = ("lr", "lr_sampled", "spsa", "none")
 J_LAWS = ("uniform", "range", "softmax")
+ZO_SAMPLING = ("uniform", "variance")
+
+
+@dataclass
+class ZOPlan(Plan):
+    """A :class:`Plan` whose sampled ZO steps carry one importance weight each (``zo_sampling="variance"``):
+    ``step_weights[i]`` = ``1/π`` of ``steps[i]``; ``step_weight`` is unused."""
+
+    step_weights: tuple[float, ...] = ()
+
+
+def inclusion_probabilities(p: Tensor, K: int) -> Tensor:
+    """``π_k = min(1, c·p_k)`` with ``c`` such that ``Σ π_k = K`` (steps whose ``K·p_k`` would exceed 1 are
+    taken with certainty and the rest share what is left, in proportion to p); all ones when ``K >= len(p)``.
+    Needs ``p_k > 0``."""
+    n = p.numel()
+    if K >= n:
+        return torch.ones_like(p)
+    pi = torch.zeros_like(p)
+    fixed = torch.zeros(n, dtype=torch.bool)
+    while True:
+        free = ~fixed
+        pi[free] = (K - int(fixed.sum())) * p[free] / p[free].sum()
+        over = free & (pi >= 1)
+        if not over.any():
+            return pi
+        pi[over] = 1.0
+        fixed |= over
+
+
+def systematic_sample(pi: Tensor, generator: torch.Generator | None = None) -> list[int]:
+    """Indices drawn without replacement with inclusion probabilities exactly ``pi`` (each ``<= 1``, summing to
+    an integer K): systematic πps sampling (Madow 1949) over a random order — lay the ``π_k`` end to end on
+    ``[0, K)`` and take the items under ``U, U+1, ..., U+K−1``, ``U ~ U[0, 1)``. An interval of length ``π_k <= 1``
+    holds one of those points with probability ``π_k``, so ``Σ_{k∈S} g_k/π_k`` is unbiased for ``Σ_k g_k``
+    (Horvitz–Thompson) and S has exactly K distinct items."""
+    n = pi.numel()
+    order = torch.randperm(n, generator=generator)
+    cum = torch.cumsum(pi[order], 0)
+    K = int(round(float(pi.sum())))
+    u = torch.rand((), generator=generator, dtype=torch.float64)
+    idx = torch.searchsorted(cum, u + torch.arange(K, dtype=torch.float64), right=True).clamp(max=n - 1)
+    return sorted({int(order[i]) for i in idx})
 
 
 @ESTIMATORS.register("rlr")
 class RLR(Estimator):
     def __init__(self, h: int = 2, zo: str = "lr", K: int = 4, j_law: str = "uniform",
                  j_range: tuple[int, int] | None = None, temperature: float = 1.0, ema: float = 0.9,
-                 spsa_scale: float = 1e-2, fo: bool = True, deterministic: str = "error") -> None:
+                 spsa_scale: float = 1e-2, fo: bool = True, deterministic: str = "error",
+                 zo_sampling: str = "uniform", zo_mix: float = 0.1) -> None:
         check_param("h", h >= 1, f"must be >= 1, got {h}")
         check_param("zo", zo in ZO_MODES, f"must be one of {ZO_MODES}, got {zo!r}")
         check_param("j_law", j_law in J_LAWS, f"must be one of {J_LAWS}, got {j_law!r}")
@@ -54,14 +101,24 @@ class RLR(Estimator):
         check_param("spsa_scale", zo != "spsa" or spsa_scale > 0, f"must be > 0, got {spsa_scale}")
         check_param("deterministic", deterministic in DETERMINISTIC_MODES,
                     f"must be one of {DETERMINISTIC_MODES}, got {deterministic!r}")
+        check_param("zo_sampling", zo_sampling in ZO_SAMPLING, f"must be one of {ZO_SAMPLING}, got {zo_sampling!r}")
+        check_param("zo_sampling", zo_sampling == "uniform" or zo == "lr_sampled",
+                    f"{zo_sampling!r} chooses which K ZO steps to sample: it needs zo='lr_sampled', got zo={zo!r}")
+        check_param("zo_mix", 0 < zo_mix <= 1,
+                    f"must be in (0, 1] (the uniform share of the ZO step law, which keeps every p_k > 0), "
+                    f"got {zo_mix}")
         self.deterministic = deterministic
         self.fixed_steps: tuple[int, ...] | None = None  # steps left without gradient (set by check / plan)
         self._segments: tuple[int, list] | None = None    # (T, per-plan pathwise segments) with absorb (set by check)
         self.h, self.zo, self.K, self.j_law, self.j_range = h, zo, K, j_law, j_range
         self.temperature, self.ema, self.spsa_scale, self.fo = temperature, ema, spsa_scale, fo
+        self.zo_sampling, self.zo_mix = zo_sampling, zo_mix
         self.needs_reward_grad = fo
-        self.reads_term_norms = j_law == "softmax"
-        self.step_norm: dict[int, float] = {}  # EMA of per-step gradient norms (softmax j-law)
+        self.reads_term_norms = j_law == "softmax" or zo_sampling == "variance"
+        # EMA of per-step gradient norms (softmax j-law; the ZO step law, there of the unweighted terms)
+        self.step_norm: dict[int, float] = {}
+        # per iteration planned and not yet observed: step -> Σ of its ZO weights over the iteration's plans
+        self._zo_weights: deque[dict[int, float]] = deque(maxlen=8)
 
     def reward_grad_reason(self) -> str:
         return ("its first-order term back-propagates the reward through step 1 (estimator.fo: true; "
@@ -146,9 +203,11 @@ class RLR(Estimator):
         cands = self._starts(schedule)
         j = cands[int(torch.multinomial(self._j_probs(cands), 1, generator=generator))]
         C = self._lr_set(schedule, self.zo_set(T, j)) if self.zo in ("lr", "lr_sampled") else self.zo_set(T, j)
-        steps, weight, seed = (), 1.0, None
+        steps, weight, seed, weights = (), 1.0, None, None
         if self.zo == "lr":
             steps = tuple(C)
+        elif self.zo == "lr_sampled" and self.zo_sampling == "variance":
+            steps, weights = self._zo_draw(C, generator) if C else ((), ())
         elif self.zo == "lr_sampled" and C:
             K = min(self.K, len(C))
             idx = torch.randperm(len(C), generator=generator)[:K]
@@ -161,8 +220,42 @@ class RLR(Estimator):
         states |= {self._top(sig, 1)} if self.fo else set()
         noises = block | set(steps) | ({1} if self.fo and schedule.stochastic(1) else set())
         self.fixed_steps = self._fixed(schedule, j)
+        if weights is not None:
+            return ZOPlan(states=frozenset(states), noises=frozenset(noises), j=j, h=self.h, steps=steps,
+                          step_weights=weights)
         return Plan(states=frozenset(states), noises=frozenset(noises), record_all=self.zo == "spsa",
                     j=j, h=self.h, steps=steps, step_weight=weight, seed=seed)
+
+    def _zo_probs(self, C: list[int]) -> Tensor:
+        """The variance-aware ZO step law on C: ``p_k = (1 − zo_mix)·n_k/Σ n + zo_mix/|C|`` with ``n_k`` the
+        running norm of step k's unweighted ZO term (a step without one gets the mean of the measured ones;
+        none measured: uniform). Every ``p_k >= zo_mix/|C| > 0``."""
+        n = torch.tensor([self.step_norm.get(k, float("nan")) for k in C], dtype=torch.float64)
+        known = ~torch.isnan(n)
+        uniform = torch.full((len(C),), 1.0 / len(C), dtype=torch.float64)
+        if not known.any():
+            return uniform
+        n = torch.where(known, n, n[known].mean()).clamp_min(0)
+        if float(n.sum()) <= 0:
+            return uniform
+        return (1 - self.zo_mix) * n / n.sum() + self.zo_mix * uniform
+
+    def _zo_draw(self, C: list[int], generator: torch.Generator | None) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """K distinct steps of C with inclusion probabilities ``π = inclusion_probabilities(p, K)`` (``K·p_k`` unless
+        capped at 1), each weighted ``1/π_k`` (``1/(K p_k)``): unbiased for any p."""
+        pi = inclusion_probabilities(self._zo_probs(C), min(self.K, len(C)))
+        idx = systematic_sample(pi, generator)
+        return tuple(C[i] for i in idx), tuple(1.0 / float(pi[i]) for i in idx)
+
+    def zo_probabilities(self, schedule: GaussianSchedule) -> dict[int, float]:
+        """The ZO step law over every step that can be a ZO-LR step (before the block is taken out; a plan
+        renormalises it over its own C) — uniform for ``zo_sampling="uniform"``."""
+        steps = self._lr_set(schedule, self.zo_set(schedule.T, schedule.T + 1))
+        if not steps:
+            return {}
+        if self.zo_sampling != "variance":
+            return {k: 1.0 / len(steps) for k in steps}
+        return dict(zip(steps, self._zo_probs(steps).tolist()))
 
     def _j_probs(self, cands: list[int]) -> torch.Tensor:
         """Uniform, or the softmax of the running per-step gradient norms (normalised by their mean, over
@@ -182,8 +275,9 @@ class RLR(Estimator):
         if self.fo:
             yield "fo", pathwise_term(b, self._top(sig, 1))
         yield "ho", self.ho_term(b, p.j, max(p.h, self._top(sig, p.j + p.h - 1) - p.j + 1))
-        for k in p.steps:
-            yield f"zo:{k}", segment_lr_term(b, k, self._top(sig, k), p.step_weight)
+        weights = getattr(p, "step_weights", None) or (p.step_weight,) * len(p.steps)
+        for k, w in zip(p.steps, weights):
+            yield f"zo:{k}", segment_lr_term(b, k, self._top(sig, k), w)
 
     def ho_term(self, b: Batch, j: int, h: int) -> Tensor:
         """``−mean_b[ sg(A^(j)) ⟨m_j(θ), sg ε_j⟩/σ_j − β Σ_{k∈S} c_k(x̃_k(θ); θ) ]``."""
@@ -194,9 +288,15 @@ class RLR(Estimator):
         return b.scale * loss
 
     def observe(self, stats: dict[str, float]) -> None:
+        """Fold ``gnorm/zo:k`` into the running per-step norms. With ``zo_sampling="variance"`` the norm is of
+        the *unweighted* term: the summed norm over the iteration's plans divided by the sum of the weights
+        those plans gave step k (recorded by :meth:`plan_metrics`; without a record, as measured)."""
+        weights = self._zo_weights.popleft() if self.zo_sampling == "variance" and self._zo_weights else {}
         for key, v in stats.items():
             if key.startswith("gnorm/zo:") and key[9:].isdigit():
                 k = int(key[9:])
+                if weights.get(k, 0) > 0:
+                    v = v / weights[k]
                 old = self.step_norm.get(k)
                 self.step_norm[k] = v if old is None else self.ema * old + (1 - self.ema) * v
 
@@ -214,14 +314,28 @@ class RLR(Estimator):
     def plan_metrics(self, plans: list[Plan], schedule: GaussianSchedule) -> dict[str, float]:
         """``plan/j``: the block starts drawn (mean over the iteration's plans); ``plan/p_j``: their mean
         probability under the law they were drawn from; ``plan/j_tv``: that law's total-variation distance
-        from uniform (0 for the uniform law); ``step_law/j_NN``: the law itself (softmax law only)."""
+        from uniform (0 for the uniform law); ``step_law/j_NN``: the law itself (softmax law only).
+        ``zo_sampling="variance"``: ``step_law/zo_NN`` (the ZO step law p_k, :meth:`zo_probabilities`),
+        ``plan/zo_tv`` (its distance from uniform) and ``plan/zo_weight_max`` (the largest weight ``1/π_k``
+        used); it also records the weights each step got, for :meth:`observe`."""
         law = self.j_probabilities(schedule)
         n, T = len(law), schedule.T
         out = {"plan/j": sum(p.j for p in plans) / len(plans), "plan/p_j": sum(law[p.j] for p in plans) / len(plans),
                "plan/j_tv": 0.5 * sum(abs(q - 1 / n) for q in law.values())}
+        width = max(2, len(str(T)))
         if self.j_law == "softmax":
-            width = max(2, len(str(T)))
             out.update({f"step_law/j_{j:0{width}d}": q for j, q in law.items()})
+        if self.zo_sampling == "variance":
+            zo = self.zo_probabilities(schedule)
+            out.update({f"step_law/zo_{k:0{width}d}": q for k, q in zo.items()})
+            out["plan/zo_tv"] = 0.5 * sum(abs(q - 1 / len(zo)) for q in zo.values()) if zo else 0.0
+            ws = [w for p in plans for w in getattr(p, "step_weights", ())]
+            out["plan/zo_weight_max"] = max(ws) if ws else 0.0
+            summed: dict[int, float] = {}
+            for p in plans:
+                for k, w in zip(p.steps, getattr(p, "step_weights", ())):
+                    summed[k] = summed.get(k, 0.0) + w
+            self._zo_weights.append(summed)
         return out
 
     def backprop(self, T: int, regulariser) -> Backprop:
@@ -240,7 +354,7 @@ class RLR(Estimator):
     def describe(self) -> dict:
         return {"name": "rlr", "h": self.h, "zo": self.zo, "K": self.K, "j_law": self.j_law,
                 "j_range": self.j_range, "fo": self.fo, "spsa_scale": self.spsa_scale,
-                "deterministic": self.deterministic,
+                "deterministic": self.deterministic, "zo_sampling": self.zo_sampling, "zo_mix": self.zo_mix,
                 "fixed_steps": None if self.fixed_steps is None else list(self.fixed_steps)}
 
 
