@@ -209,11 +209,16 @@ class RewardScorer:
             at = torch.tensor(idx, device=part.device)
             full = part.new_zeros(*part.shape[:2], F, *part.shape[3:])
             return full.index_copy(2, at, part)
+        return self._on_read_frames(self.decoder, x0)
+
+    def _on_read_frames(self, fn, x0: Tensor, *alike: Tensor) -> Tensor:
+        """``fn(x0, *alike)`` on the frames the reward reads only (``alike`` indexed like ``x0``), zeros at the
+        frames it skips; images and non-subsampled clips pass whole."""
         idx = self.reward.frames(x0.shape[2]) if x0.dim() == 5 else None
         if idx is None or len(idx) == x0.shape[2]:
-            return self.decoder(x0)
+            return fn(x0, *alike)
         at = torch.tensor(idx, device=x0.device)
-        part = self.decoder(x0.index_select(2, at))
+        part = fn(*(t.index_select(2, at) for t in (x0, *alike)))
         full = part.new_zeros(*part.shape[:2], x0.shape[2], *part.shape[3:])
         return full.index_copy(2, at, part)
 
@@ -226,12 +231,7 @@ class RewardScorer:
     def _decoder_vjp(self, x0: Tensor, grad_images: Tensor) -> Tensor:
         """``∂R/∂x_0`` from ``∂R/∂images``, through the decoder one slice at a time (only the frames the reward
         reads): peak decoder activations of one slice instead of every decoded frame, for a second decode."""
-        idx = self.reward.frames(x0.shape[2]) if x0.dim() == 5 else None
-        if idx is None or len(idx) == x0.shape[2]:
-            return self.decoder.vjp(x0, grad_images)
-        at = torch.tensor(idx, device=x0.device)
-        part = self.decoder.vjp(x0.index_select(2, at), grad_images.index_select(2, at))
-        return torch.zeros_like(x0).index_copy(2, at, part)
+        return self._on_read_frames(self.decoder.vjp, x0, grad_images)
 
     def score(self, x0: Tensor, prompts: Sequence[str] | None = None,
               need_grad: bool = False) -> tuple[Tensor, Tensor | None]:

@@ -47,12 +47,15 @@ def train_local(cfg: TrainConfig, iterations: int | None = None,
     opt = make_optimizer(cfg, params) if optimizer is None else optimizer
     n_chunks = chunks_per_iteration(cfg)
 
-    def optimizer_step() -> None:
-        """One optimiser step; the learner calls it between the phases of an estimator that steps several
-        times per iteration (``estimator.optimizer_steps``), the loop below makes the last."""
+    def clip_and_step() -> None:
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         opt.step()
+
+    def optimizer_step() -> None:
+        """The learner's step between the phases of an estimator that steps several times per iteration
+        (``estimator.optimizer_steps``); the loop below makes the last."""
+        clip_and_step()
         opt.zero_grad(set_to_none=True)
 
     end = iterations if iterations is not None else cfg.train.iterations
@@ -67,9 +70,7 @@ def train_local(cfg: TrainConfig, iterations: int | None = None,
         opt.zero_grad(set_to_none=True)
         terms = learner.learn(model, chunks, summaries, optimizer_step=optimizer_step)
         gnorm = step.grad_norm(params)
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        opt.step()
+        clip_and_step()
         metrics = learner.finish(it, summaries, terms, gnorm)
         t3 = time.perf_counter()
         metrics.update({"time/sample": t1 - t0, "time/score": t2 - t1, "time/learn": t3 - t2, "time/iteration": t3 - t0})
