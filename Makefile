@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup test bench demo demo-video clean
+.PHONY: setup test test-multinode test-rgw bench demo demo-video clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Slower opt-in suites (not in `make test`): a multi-node Ray cluster with the autoscaler and node loss; a real
+# S3 server (Ceph RGW, needs apt-get download access to Debian packages the first time).
+test-multinode: setup
+	$(BIN)/python -m pytest -q -m multinode
+
+test-rgw: setup
+	$(BIN)/python -m pytest -q -m rgw
 
 bench: setup
 	$(BIN)/rlr-dist bench estimators

@@ -36,10 +36,34 @@ def _bench_study(args: argparse.Namespace) -> int:
 
 
 def _bench_faults(args: argparse.Namespace) -> int:
+    if args.nodes:
+        import tempfile
+        import time
+
+        from rlr_dist.bench import node_faults
+        from rlr_dist.bench.faults import SMALL
+        from rlr_dist.train.config import load_config
+
+        t0 = time.perf_counter()
+        root = Path(args.workdir or tempfile.mkdtemp(prefix="rlr-node-faults-"))
+        rows = node_faults.main(load_config(args.config, SMALL), args.launcher, root)
+        seconds = time.perf_counter() - t0
+        print(node_faults.write(rows, args.launcher, args.config, seconds, args.out) if args.out != "-" else
+              node_faults.section(rows, args.launcher, args.config, seconds))
+        return 0
     from rlr_dist.bench.faults import main
 
     print(main(args.config, None if args.out == "-" else args.out, args.workdir))
     return 0
+
+
+def _bench_autoscale(args: argparse.Namespace) -> int:
+    from rlr_dist.bench.autoscale import main
+
+    r = main(args.launcher, args.config, None if args.out == "-" else args.out, args.idle_timeout_minutes, args.workdir)
+    print(f"job {r['status']}; peak nodes {r['peak']}; run finished at {r['done']:.0f} s, all idle at "
+          f"{r['all_idle']} s, last node gone at {r['gone']} s" + ("" if args.out == "-" else f"; report: {args.out}"))
+    return 0 if r["status"] == "SUCCEEDED" and r["gone"] is not None else 1
 
 
 def _bench_gpu(args: argparse.Namespace) -> int:
@@ -333,6 +357,15 @@ def _add_plan(sub, bsub) -> None:
     bpl.set_defaults(func=_bench_plan)
 
 
+def _bench_scale(args: argparse.Namespace) -> int:
+    from rlr_dist.bench.scale import main
+
+    cmd = "rlr-dist bench scale" + (" --quick" if args.quick else "") + ("" if args.out == "docs/results/scale.md"
+                                                                         else f" --out {args.out}")
+    print(main(None if args.out == "-" else args.out, args.quick, cmd)[0])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlr-dist", description="RLR fine-tuning of diffusion models on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -370,13 +403,32 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--config", default="jobs/configs/digits.yaml", help="training config (default: the demo's, made small)")
     bf.add_argument("--workdir", default=None, help="folder for the runs (default: a new temporary folder)")
     bf.add_argument("--out", default="docs/results/faults.md", help="report path, '-' for none")
+    bf.add_argument("--nodes", action="store_true", help="instead: whole nodes lost on a local multi-node cluster "
+                    "(sampler, reward, learner node); rewrites only the node-loss section of the report")
+    bf.add_argument("--launcher", default="cluster/aws.yaml", help="with --nodes: the launcher YAML whose node "
+                    "types the local cluster mirrors")
     bf.set_defaults(func=_bench_faults)
+    ba = bsub.add_parser("autoscale", help="a job submitted to an autoscaling local cluster (fake multi-node provider, "
+                                           "the launcher YAML's node types): nodes up, run, idle nodes gone; a plot")
+    ba.add_argument("--launcher", default="cluster/aws.yaml", help="cluster-launcher YAML whose node types to use")
+    ba.add_argument("--config", default="jobs/configs/digits.yaml", help="training config (made small, roles placed "
+                    "on the node types)")
+    ba.add_argument("--idle-timeout-minutes", type=float, default=0.5, help="autoscaler idle timeout (default 0.5)")
+    ba.add_argument("--workdir", default=None, help="folder for the run (default: a new temporary folder)")
+    ba.add_argument("--out", default="docs/results/autoscaling.md", help="report path (.png beside it), '-' for none")
+    ba.set_defaults(func=_bench_autoscale)
     bv = bsub.add_parser("video-memory", help="learner memory and time per step against the number of frames, per "
                                               "estimator and checkpointing, with the planner's estimate beside each")
     bv.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64], help="frame counts (default 8 16 32 64)")
     bv.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     bv.add_argument("--out", default="docs/results/video-memory.md", help="report path, '-' for none")
     bv.set_defaults(func=_bench_video_memory)
+    bsc = bsub.add_parser("scale", help="coordination cost on a multi-node local Ray cluster: stand-in actors with "
+                                        "real tensor sizes sleeping the planned GPU time; throughput vs actors, "
+                                        "weight sync vs receivers")
+    bsc.add_argument("--quick", action="store_true", help="small counts and tensors (about a minute; the test's)")
+    bsc.add_argument("--out", default="docs/results/scale.md", help="report path (.png/.json beside it), '-' for none")
+    bsc.set_defaults(func=_bench_scale)
     from rlr_dist.bench.gpu import add_arguments
 
     bg = bsub.add_parser("gpu", help="sampler throughput, learner step time / peak memory and the planner's "

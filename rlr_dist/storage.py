@@ -4,7 +4,10 @@ A folder written by the project carries ``manifest.json`` (sha256 and size of ev
 *last*: a folder without it is incomplete and is never loaded. ``resolve(uri)`` returns a local folder:
 local paths as they are, ``s3://bucket/prefix`` downloaded into a cache (boto3; endpoint, keys and region
 from the usual ``AWS_*`` variables) and verified against the manifest (or, for folders the project did
-not write, against sizes and single-part ETags). ``upload(local, uri)`` sends the files, manifest last.
+not write, against sizes and single-part ETags). ``upload(local, uri)`` sends the files, manifest last,
+between a marker object ``.rlr-incomplete`` put first and removed last: a prefix with the marker and no
+manifest is an interrupted upload, refused by ``download`` (without the marker it would pass for a folder
+the project did not write).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 MANIFEST = "manifest.json"
+INCOMPLETE = ".rlr-incomplete"  # S3 only: put before an upload's first object, deleted after its manifest
 T = TypeVar("T")
 
 
@@ -118,12 +122,20 @@ def atomic_dir(final: str | Path, write: Callable[[Path], T], extra: dict | None
 
 # ----------------------------------------------------------------------------------------------- S3
 def s3_client():
-    """A boto3 S3 client; endpoint/credentials from the environment, standard retries with backoff."""
+    """A boto3 S3 client; endpoint/credentials from the environment, standard retries with backoff.
+
+    ``RLR_DIST_S3_ATTEMPTS`` (5) tries per call, each waiting at most ``RLR_DIST_S3_TIMEOUT`` (60 s, botocore's
+    default) to connect or per read; :func:`_retry` makes 3 such calls. So a server that refuses connections
+    fails a transfer in seconds; one that accepts but never answers in at most about
+    3 x attempts x (2 x timeout + 2 s), measured on a frozen RADOS gateway (a PUT waits for ``100-continue``
+    and then for the answer): about 30 min with the defaults, 37 s with 2 tries of 2 s."""
     import boto3
     from botocore.config import Config
 
     attempts = int(os.environ.get("RLR_DIST_S3_ATTEMPTS", "5"))
-    return boto3.client("s3", config=Config(retries={"max_attempts": attempts, "mode": "standard"}))
+    timeout = float(os.environ.get("RLR_DIST_S3_TIMEOUT", "60"))
+    return boto3.client("s3", config=Config(retries={"max_attempts": attempts, "mode": "standard"},
+                                            connect_timeout=timeout, read_timeout=timeout))
 
 
 def _retry(what: str, fn: Callable[[], T], attempts: int = 3, base: float = 0.5) -> T:
@@ -168,6 +180,8 @@ def download(uri: str, dest: str | Path | None = None) -> Path:
         return _download_file(client, uri, bucket, prefix, dest)
     dest = Path(dest) if dest else cache_root() / "s3" / bucket / (prefix or "_root")
     keys = {o["Key"][len(prefix) + 1 if prefix else 0:]: o for o in objs}
+    if INCOMPLETE in keys and MANIFEST not in keys:
+        raise StorageError(f"{uri}: incomplete (an upload was interrupted before its {MANIFEST}); refused")
     if MANIFEST in keys and (dest / MANIFEST).is_file():
         remote = json.loads(_retry(f"reading {uri}/{MANIFEST}", lambda: client.get_object(
             Bucket=bucket, Key=keys[MANIFEST]["Key"])["Body"].read()))
@@ -180,7 +194,7 @@ def download(uri: str, dest: str | Path | None = None) -> Path:
 
     def write(tmp: Path) -> None:
         for rel, o in keys.items():
-            if rel == MANIFEST or rel.endswith("/"):
+            if not rel or rel in (MANIFEST, INCOMPLETE) or rel.endswith("/"):  # "": the folder's own marker
                 continue
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -239,12 +253,15 @@ def upload(local: str | Path, uri: str) -> None:
     bucket, prefix = split_s3(uri)
     client = s3_client()
     key = (lambda rel: f"{prefix}/{rel}" if prefix else rel)
-    # a stale manifest must not vouch for a half-replaced folder: remove it first, send it last
+    # a stale manifest must not vouch for a half-replaced folder: remove it first, send it last; until then
+    # the marker tells this folder from one the project did not write (which may lack a manifest)
+    _retry(f"marking {uri} incomplete", lambda: client.put_object(Bucket=bucket, Key=key(INCOMPLETE), Body=b""))
     _retry(f"deleting {uri}/{MANIFEST}", lambda: client.delete_object(Bucket=bucket, Key=key(MANIFEST)))
     for p in _files(local):
         rel = p.relative_to(local).as_posix()
         _retry(f"uploading {p} to s3://{bucket}/{key(rel)}", lambda: client.upload_file(str(p), bucket, key(rel)))
     _retry(f"uploading {uri}/{MANIFEST}", lambda: client.upload_file(str(local / MANIFEST), bucket, key(MANIFEST)))
+    _retry(f"unmarking {uri}", lambda: client.delete_object(Bucket=bucket, Key=key(INCOMPLETE)))
 
 
 def resolve(uri: str | os.PathLike) -> Path:

@@ -84,3 +84,24 @@ def test_local_put_replaces_atomically(tmp_path):
     storage.put(a, tmp_path / "dst")
     assert (tmp_path / "dst" / "a.bin").read_bytes() == b"new"
     assert json.loads((tmp_path / "dst" / "manifest.json").read_text())["files"]["a.bin"]["size"] == 3
+
+
+def test_s3_interrupted_upload_is_refused_and_a_complete_one_leaves_no_marker(tmp_path, s3_server):
+    """The marker object is there from an upload's first object until after its manifest: a prefix with the
+    marker and no manifest (an upload cut off; tests/test_rgw.py cuts a real one) is refused, not taken for a
+    folder the project did not write."""
+    import boto3
+
+    root = _folder(tmp_path / "src")
+    uri = f"{s3_server}/ckpt/c1"
+    storage.upload(root, uri)
+    s3 = boto3.client("s3")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="rlr-test", Prefix="ckpt/c1/")["Contents"]}
+    assert "ckpt/c1/manifest.json" in keys and f"ckpt/c1/{storage.INCOMPLETE}" not in keys
+    s3.put_object(Bucket="rlr-test", Key=f"ckpt/c1/{storage.INCOMPLETE}", Body=b"")  # as if cut off mid-way
+    s3.delete_object(Bucket="rlr-test", Key="ckpt/c1/manifest.json")
+    with pytest.raises(storage.StorageError, match="incomplete"):
+        storage.download(uri, tmp_path / "got")
+    assert not (tmp_path / "got").exists()
+    storage.upload(root, uri)  # the next upload of the same folder completes it
+    assert (storage.download(uri, tmp_path / "got2") / "sub" / "b.txt").read_text() == "hello"

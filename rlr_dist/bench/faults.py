@@ -325,5 +325,37 @@ def main(config: str = "jobs/configs/digits.yaml", out: str | None = "docs/resul
     text = "\n".join(lines) + "\n"
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
+        old = Path(out).read_text() if Path(out).is_file() else ""
+        Path(out).write_text(merge_sections(old, text))
     return text
+
+
+def sections(text: str) -> list[tuple[str, str]]:
+    """``(heading, body)`` of each ``## `` section of a markdown text (the part before the first: heading "")."""
+    out, head, body = [], "", []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("## "):
+            out.append((head, "".join(body)))
+            head, body = line.strip(), []
+        else:
+            body.append(line)
+    out.append((head, "".join(body)))
+    return out
+
+
+def merge_sections(old: str, new: str, before: str = "## Bad inputs") -> str:
+    """``new`` with the sections of ``old`` it does not write kept: sections ``new`` also has are replaced; the
+    node-loss section (written by ``--nodes``) goes before ``before``, others (the hand-written reading) last."""
+    fresh = sections(new)
+    names = {h for h, _ in fresh}
+    kept = [(h, b) for h, b in sections(old) if h and h not in names]
+    nodes = [(h, b) for h, b in kept if h.startswith("## Node loss")]
+    rest = [(h, b) for h, b in kept if not h.startswith("## Node loss")]
+    merged = []
+    for h, b in fresh:
+        if h == before:
+            merged += nodes
+            nodes = []
+        merged.append((h, b))
+    merged += nodes + rest
+    return "".join((h + "\n" if h else "") + b for h, b in merged)

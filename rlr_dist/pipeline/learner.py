@@ -37,7 +37,7 @@ def learner_loop(config: dict) -> None:
     from rlr_dist.pipeline import engine as ds
     from rlr_dist.pipeline.pools import ActorPools
     from rlr_dist.pipeline.tracking import Tracker
-    from rlr_dist.pipeline.workers import _device, _threads, maybe_crash, probe_output
+    from rlr_dist.pipeline.workers import _device, _threads, maybe_crash, node_id, probe_output
     from rlr_dist.train import step
     from rlr_dist.train.learner import Learner
 
@@ -93,7 +93,8 @@ def learner_loop(config: dict) -> None:
         dist.all_gather_object(parts, obj)
         return parts
 
-    learner_starts = _count_start(out_dir, config.get("attempt", ""), start, restored) if rank == 0 else 1
+    nodes = gather(node_id())
+    learner_starts = _count_start(out_dir, config.get("attempt", ""), start, restored, nodes) if rank == 0 else 1
     sync_s = push_weights(start)
     if rank == 0 and start == 0 and cfg.train.eval_every:  # the baseline every later number is compared with
         ev, grid = pools.evaluate(0, out_dir)
@@ -156,13 +157,13 @@ def learner_loop(config: dict) -> None:
 STARTS_FILE = "learner_starts.log"
 
 
-def _count_start(out_dir: Path, attempt: str, start: int, restored: str) -> int:
+def _count_start(out_dir: Path, attempt: str, start: int, restored: str, nodes: list[str]) -> int:
     """Record that the learner group (re)started for the driver's ``attempt`` (one ``rlr-dist train`` call)
-    at iteration ``start`` from checkpoint ``restored`` (``-``: none) — the run's lineage; returns how many
-    times it has started in this attempt (1: never restarted)."""
+    at iteration ``start`` from checkpoint ``restored`` (``-``: none), with the node of every rank — the run's
+    lineage; returns how many times it has started in this attempt (1: never restarted)."""
     path = out_dir / STARTS_FILE
     with path.open("a") as f:
-        f.write(f"{attempt} {start} {restored} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        f.write(f"{attempt} {start} {restored} {time.strftime('%Y-%m-%dT%H:%M:%S')} {','.join(nodes) or '-'}\n")
     n = sum(1 for line in path.read_text().splitlines() if line.split(" ", 1)[0] == attempt)
     if n > 1:
         print(f"[learner] the learner group restarted ({n - 1} time(s) in this run); continuing at iteration {start}",

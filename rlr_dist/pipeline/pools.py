@@ -62,7 +62,9 @@ class ActorPools:
         self.version = version
         if self.store is not None:
             ray.get(self.store.put.remote([self.state_ref], version))
-        results = [self._sync_one(i, version) for i in range(len(self.samplers))]
+        # every sampler loads at once (a serial push was the first bottleneck at 32 samplers: docs/results/scale.md)
+        calls = [s.set_weights.remote(self.state_ref, version) for s in self.samplers]
+        results = [self._sync_one(i, version, call) for i, call in enumerate(calls)]
         for i, (got_hash, got_probe, incarnation) in enumerate(results):
             self.note({f"sampler/{i}": incarnation})
             if got_hash != want_hash:
@@ -74,13 +76,16 @@ class ActorPools:
                                       f"at v{version}")
         return time.perf_counter() - t0
 
-    def _sync_one(self, i: int, version: int):
+    def _sync_one(self, i: int, version: int, call=None):
+        """Sampler ``i``'s answer to the push (``call``, already in flight), pushing again if it died."""
         import ray
 
         budget = max(self.cfg.cluster.samplers.max_restarts, 1)
         for attempt in range(budget + 1):
             try:
-                return ray.get(self.samplers[i].set_weights.remote(self.state_ref, version))
+                if call is None:
+                    call = self.samplers[i].set_weights.remote(self.state_ref, version)
+                return ray.get(call)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 if attempt == budget:
                     raise
@@ -88,6 +93,7 @@ class ActorPools:
                 print(f"[learner] sampler {i} died at the weight sync of v{version} ({type(e).__name__}); "
                       f"pushing the weights again once it is back ({attempt + 1}/{budget})", flush=True)
                 _wait_alive(self.samplers[i])
+                call = None
 
     def note(self, actors: dict[str, str], retries: int = 0) -> tuple[int, int]:
         """Record the incarnations actors reported (a changed one is a restart: counted, and said) and calls
@@ -102,7 +108,9 @@ class ActorPools:
             self.restarts += len(new)
             total_retries = retries
         for name in new:
-            print(f"[learner] {name.replace('/', ' ')} restarted (a new process); the run goes on", flush=True)
+            node = actors[name].partition("@")[2][:8] or "?"
+            print(f"[learner] {name.replace('/', ' ')} restarted (a new process, on node {node}); the run goes on",
+                  flush=True)
         return self.restarts, total_retries
 
     # ------------------------------------------------------------------ sampling and scoring
@@ -134,7 +142,7 @@ class ActorPools:
                     chunks.append(ray.get(c))
                     break
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError,
-                        ray.exceptions.ActorUnavailableError) as e:
+                        ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError) as e:
                     if attempt == tries or not _retryable(e):
                         raise
                     self.retries += 1
@@ -167,7 +175,8 @@ class ActorPools:
 def _retryable(e: Exception) -> bool:
     import ray
 
-    lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+    # ObjectLostError: the node that held a chunk (or the sampler's output a reward call read) is gone
+    lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError)
     if isinstance(e, ray.exceptions.RayTaskError):  # the reward call failed because its sampler input did
         return "StaleWeights" in str(e) or isinstance(e.cause, lost)
     return True

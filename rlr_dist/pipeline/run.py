@@ -144,11 +144,12 @@ def _shortfall(bundles, nodes) -> str:
     return ", ".join(f"{k} {total[k]:g} needed, {have.get(k, 0):g} in the cluster" for k in sorted(total))
 
 
-def check_fits(cfg: TrainConfig) -> None:
+def check_fits(cfg: TrainConfig) -> bool:
     """Before any actor is created: the run's bundles must fit the cluster's nodes. If they never can, fail
     with one line saying what is missing — unless ``cluster.autoscale_timeout_s`` > 0, when the autoscaler is
     asked for them and awaited (visibly, up to that long). If they fit but other work holds the resources,
-    wait up to ``cluster.wait_for_free_s``."""
+    wait up to ``cluster.wait_for_free_s``. Returns whether the autoscaler was asked (the request stands until
+    :func:`release_request` withdraws it)."""
     import ray
 
     bundles = demand(cfg)
@@ -175,6 +176,7 @@ def check_fits(cfg: TrainConfig) -> None:
             request_resources(bundles=[b for _, b in bundles])
             asked = True
         if time.time() - t0 > c.autoscale_timeout_s:
+            release_request()
             raise ClusterError(f"cluster: the autoscaler did not provide the run's resources within "
                                f"cluster.autoscale_timeout_s={c.autoscale_timeout_s:g} s ({_shortfall(bundles, nodes('total'))})")
         if time.time() - last > 10:
@@ -183,7 +185,7 @@ def check_fits(cfg: TrainConfig) -> None:
             last = time.time()
         time.sleep(2)
     if ray.get_runtime_context().get_placement_group_id() is not None:
-        return  # inside a Tune trial: the actors take the trial's own placement group, reserved already
+        return asked  # inside a Tune trial: the actors take the trial's own placement group, reserved already
     t0 = time.time()
     while _place(bundles, nodes("available")):
         if time.time() - t0 > c.wait_for_free_s:
@@ -194,6 +196,15 @@ def check_fits(cfg: TrainConfig) -> None:
                   flush=True)
             last = time.time()
         time.sleep(2)
+    return asked
+
+
+def release_request() -> None:
+    """Withdraw the run's standing request to the autoscaler, so its nodes can go once idle (a request made
+    with ``request_resources`` otherwise keeps them up after the run)."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[])
 
 
 def _pool(cls, cfg_dict: dict, res, *args) -> list:
@@ -211,14 +222,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     Relative paths in ``cfg`` are resolved against the current directory first (actors run elsewhere).
     Ctrl-C (or SIGTERM) raises :class:`Interrupted` after marking the MLflow run KILLED."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from rlr_dist import storage
-    from rlr_dist.pipeline.learner import learner_loop
-    from rlr_dist.pipeline.tracking import Tracker, flatten, headline, start_run, tracking_uri
-    from rlr_dist.pipeline.workers import RewardWorker, SamplerWorker, WeightStore
+    from rlr_dist.pipeline.tracking import flatten, headline, start_run, tracking_uri
 
     cfg = cfg.resolved(Path.cwd())
     coverage = preflight(cfg, resume)
@@ -241,10 +246,31 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         ckpt_root = str(Path(ckpt_root).resolve())
 
     init_ray(cfg)
-    check_fits(cfg)
+    asked = check_fits(cfg)
+    try:
+        return _run(cfg, run, out, ckpt_root)
+    finally:
+        if asked:
+            release_request()
+
+
+def _run(cfg: TrainConfig, run: dict, out: Path, ckpt_root: str) -> dict:
+    """Create the actor pools, run the learners under Ray Train, report (the part of :func:`train` that holds
+    cluster resources)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from rlr_dist.pipeline.learner import learner_loop
+    from rlr_dist.pipeline.tracking import Tracker
+    from rlr_dist.pipeline.workers import RewardWorker, SamplerWorker, WeightStore
+
     cfg_dict = to_dict(cfg)
     t0 = time.perf_counter()
-    store = ray.remote(WeightStore).options(num_cpus=0, max_restarts=-1).remote()
+    # The weight store (and the fault record it keeps) lives on the driver's node: a run never loses that one.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    store = ray.remote(WeightStore).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote()
     samplers = _pool(SamplerWorker, cfg_dict, cfg.cluster.samplers, store)
     rewards = _pool(RewardWorker, cfg_dict, cfg.cluster.rewards)
     ray.get([a.get_version.remote() for a in samplers] + [r.__ray_ready__.remote() for r in rewards])
@@ -285,9 +311,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         tracker.close("FAILED")
         raise
     finally:
+        placement = _placement(store, out)
         for a in samplers + rewards + [store]:
             ray.kill(a)
     tracker.artifact(out / "config.yaml")
+    if placement is not None:
+        tracker.artifact(placement)
     curve = _reward_curve(tracker, out)
     if curve is not None:
         tracker.artifact(curve)
@@ -301,6 +330,33 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     return {"metrics": metrics, "before": before, "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "run_id": run["run_id"], "tracking_uri": run["tracking_uri"], "seconds": time.perf_counter() - t0,
             "output_dir": str(out), "export": cfg.export}
+
+
+PLACEMENT_FILE = "placement.json"
+
+
+def _placement(store, out: Path) -> Path | None:
+    """Write which node every role ran on (each actor incarnation, each learner-group start) with the nodes'
+    resources to ``placement.json``; None if the record could not be read."""
+    import ray
+
+    from rlr_dist.pipeline.learner import STARTS_FILE
+
+    try:
+        actors = ray.get(store.record.remote(), timeout=30)
+    except Exception as e:  # noqa: BLE001 - the record is a report; the run's own outcome is what matters
+        print(f"[rlr-dist] note: no placement record ({type(e).__name__})", flush=True)
+        return None
+    starts = (out / STARTS_FILE).read_text().splitlines() if (out / STARTS_FILE).is_file() else []
+    learners = [{"start": int(p[1]), "restored": p[2], "nodes": p[4].split(",")}
+                for p in (line.split() for line in starts) if len(p) > 4]
+    used = {inc.partition("@")[2] for _, inc in actors} | {n for s in learners for n in s["nodes"]}
+    nodes = {n["NodeID"]: {"alive": n["Alive"], "resources": n["Resources"]} for n in ray.nodes() if n["NodeID"] in used}
+    doc = {"actors": [{"actor": a, "incarnation": inc.partition("@")[0], "node": inc.partition("@")[2]}
+                      for a, inc in actors], "learners": learners, "nodes": nodes}
+    path = out / PLACEMENT_FILE
+    path.write_text(json.dumps(doc, indent=1))
+    return path
 
 
 def _reward_curve(tracker, out: Path) -> Path | None:

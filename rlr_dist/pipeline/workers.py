@@ -7,6 +7,7 @@ and scores them. Both only wrap :mod:`rlr_dist.train.step`.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from typing import Sequence
 
@@ -46,33 +47,59 @@ def probe_output(model, prompt: str) -> Tensor:
 
 def maybe_crash(role: str, index: int, iteration: int, phase: str) -> None:
     """Fault injection (tests, ``rlr-dist bench faults``): ``RLR_DIST_CRASH=ROLE:INDEX:ITERATION:PHASE[,...]``
-    kills actor ROLE (``sampler`` / ``reward``) number INDEX — the whole process, as a lost node would — when
-    it reaches PHASE (``sample``, ``sync``, ``score``) of ITERATION, once: a marker file in
-    ``$RLR_DIST_CRASH_DIR`` records that it happened."""
+    kills actor ROLE (``sampler`` / ``reward`` / ``learner``) number INDEX — the whole process — when it reaches
+    PHASE (``sample``, ``sync``, ``score``, ``step``) of ITERATION, once: a marker file in ``$RLR_DIST_CRASH_DIR``
+    records that it happened. ``node@ROLE:...`` loses the actor's whole node instead: the marker (``*.node``)
+    holds the node's Ray id and the actor waits there until the harness kills that node
+    (:meth:`rlr_dist.pipeline.local_cluster.LocalCluster.kill`), so the loss lands at an exact point of the run."""
     spec, folder = os.environ.get("RLR_DIST_CRASH"), os.environ.get("RLR_DIST_CRASH_DIR")
     if not spec or not folder:
         return
     me = f"{role}:{index}:{iteration}:{phase}"
-    if me in spec.split(","):
+    items = spec.split(",")
+    if me in items:
         marker = os.path.join(folder, me.replace(":", "_"))
         if not os.path.exists(marker):
             open(marker, "w").close()
             os._exit(1)
+    elif f"node@{me}" in items:
+        marker = os.path.join(folder, me.replace(":", "_") + ".node")
+        if not os.path.exists(marker):
+            with open(marker + ".tmp", "w") as f:
+                f.write(node_id())
+            os.replace(marker + ".tmp", marker)
+            while True:  # until the node goes, with this process on it
+                time.sleep(1)
+
+
+def node_id() -> str:
+    """The Ray id of the node this process runs on ("" outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def _incarnation() -> str:
+    """A fresh id for this actor process, with the node it runs on: ``<12 hex>@<node id>``."""
+    return f"{uuid.uuid4().hex[:12]}@{node_id()}"
 
 
 class WeightStore:
     """The latest trained state (held by reference) and its version. Samplers that restart, or miss a
     sync, pull from here instead of asking a particular learner. It also keeps the run's fault record —
-    the actors' incarnations and the restarts and re-run calls seen — which outlives a learner restart."""
+    the actors' incarnations (each with its node) and the restarts and re-run calls seen — which outlives a
+    learner restart. The driver pins it to its own node, which a run never loses."""
 
     def __init__(self):
         self.ref, self.version = None, -1
         self.incarnations: dict[str, str] = {}
+        self.placements: list[tuple[str, str]] = []   # (actor, incarnation) in the order first seen
         self.restarts, self.retries = 0, 0
 
     def note(self, actors: dict[str, str], retries: int = 0) -> tuple[list[str], int, int]:
         """Record incarnations seen and calls re-run; returns the actors seen restarted now and the totals."""
         new = [name for name, inc in actors.items() if self.incarnations.get(name, inc) != inc]
+        self.placements += [(name, inc) for name, inc in actors.items() if self.incarnations.get(name) != inc]
         self.incarnations.update(actors)
         self.restarts += len(new)
         self.retries += retries
@@ -84,11 +111,14 @@ class WeightStore:
     def get(self) -> tuple[list, int]:
         return [self.ref], self.version
 
+    def record(self) -> list[tuple[str, str]]:
+        return list(self.placements)
+
 
 class SamplerWorker:
     def __init__(self, cfg: dict, index: int = 0, store=None):
         _threads()
-        self.incarnation = uuid.uuid4().hex[:12]  # new after every (re)start: how a restart is noticed
+        self.incarnation = _incarnation()  # new after every (re)start: how a restart is noticed
         self.store = store
         self.cfg = build(TrainConfig, cfg)
         self.index = index
@@ -139,7 +169,7 @@ class RewardWorker:
     def __init__(self, cfg: dict, index: int = 0):
         _threads()
         self.index = index
-        self.incarnation = uuid.uuid4().hex[:12]
+        self.incarnation = _incarnation()
         self.cfg = build(TrainConfig, cfg)
         self.device = _device(self.cfg.cluster.rewards.num_gpus)
         decoder = load_decoder(self.cfg.model, self.device)
