@@ -71,6 +71,7 @@ def test_roles_run_on_the_nodes_their_resources_name_and_the_run_records_them(cl
     (learner_nodes,) = [s["nodes"] for s in doc["learners"]]
     assert [cluster.node_type(n) for n in learner_nodes] == ["gpu-a100-spot"]
     assert doc["nodes"][learner_nodes[0]]["resources"]["accelerator_type:A100"] == 8
+    assert cluster.node_type(doc["weight_store"]) == "head", "the fault record lives beside the driver"
     assert F.same_series(F.history(out), reference) and F.duplicates(F.history(out)) == 0
 
 
@@ -85,6 +86,7 @@ def test_a_lost_node_loses_nothing_and_repeats_nothing(cluster, base, reference,
     assert [s for s, _ in hist["reward/mean"]] == [1, 2, 3, 4, 5, 6] and F.duplicates(hist) == 0
     assert F.same_series(hist, reference), "a sample was lost, doubled or drawn differently"
     row = NF.record(name, spec, at, cluster, out, seconds, err, events, None, None)
+    assert cluster.node_type(NF.nodes_of(out["output_dir"])["weight_store"]) == "head"
     assert row["moved"], f"the lost role did not come back on another node: {NF.nodes_of(out['output_dir'])}"
     if spec.startswith("node@learner"):
         starts = F.lineage(out["output_dir"])

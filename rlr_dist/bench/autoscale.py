@@ -242,14 +242,16 @@ def plot(result: dict, path: Path, idle_timeout_minutes: float) -> Path:
         ax.step(ts, [p[1].get(k, 0) for p in result["points"]], where="post", label=k)
     ax.step(ts, [sum(p[1].values()) for p in result["points"]], where="post", color="k", lw=2, label="all workers")
     ax.step(ts, [sum(p[2].values()) for p in result["points"]], where="post", color="k", ls=":", label="idle workers")
-    for key, label in (("submitted", "job submitted"), ("done", "run finished"), ("all_idle", "all nodes idle"),
-                       ("ended", "job ended"), ("gone", "last node gone")):
+    events = [("submitted", "job submitted"), ("done", "run finished"), ("all_idle", "all nodes idle"),
+              ("ended", "job ended"), ("gone", "last node gone")]
+    top = ax.get_ylim()[1]
+    for i, (key, label) in enumerate(events):  # labels at staggered heights: several events come seconds apart
         if result.get(key) is not None:
             ax.axvline(result[key], ls="--", color="grey")
-            ax.text(result[key], ax.get_ylim()[1] * 0.95, " " + label, rotation=90, va="top", fontsize=8)
+            ax.text(result[key], top * (0.97 - 0.22 * (i % 3)), " " + label, rotation=90, va="top", fontsize=7)
     ax.set_xlabel("seconds"), ax.set_ylabel("live worker nodes")
     ax.set_title(f"autoscaler: nodes per type (idle timeout {idle_timeout_minutes * 60:.0f} s)")
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -94,11 +94,25 @@ def run_case(cluster: LocalCluster, cfg: TrainConfig, spec: str, root: Path) -> 
     return out, s, err, killer.events
 
 
+def recovery(out: dict, killed_at: float) -> float | None:
+    """Seconds the loss cost: from the kill to the next iteration logged, less a typical (median) iteration."""
+    import statistics
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(out["tracking_uri"])
+    after = sorted(m.timestamp / 1000 for m in client.get_metric_history(out["run_id"], "reward/mean")
+                   if m.timestamp / 1000 > killed_at)
+    its = [m.value for m in client.get_metric_history(out["run_id"], "time/iteration")]
+    return round(after[0] - killed_at - statistics.median(its), 1) if after and its else None
+
+
 def record(name: str, spec: str, crashed_at: int, cluster: LocalCluster, out, seconds, err, events,
            reference, ref_seconds) -> dict:
-    row = F.record(name, spec, out, seconds, err, reference, ref_seconds, crashed_at)
+    row = F.record(name, spec, out, seconds, err, reference, None, crashed_at)
+    row["recovery_s"] = recovery(out, events[0]["killed_at"]) if out is not None and events else None
     row["killed"] = ", ".join(f"{e['node'][:8]} ({e['type']})" for e in events) or "none"
-    if out is not None:
+    if out is not None and "@" in spec:
         place_doc = nodes_of(out["output_dir"])
         killed = {e["node"] for e in events}
         role = spec.split("@")[1].split(":")[0]
@@ -142,10 +156,11 @@ def section(rows: list[dict], launcher: str, config: str, seconds: float) -> str
              "small as above, on a local multi-node Ray cluster (`rlr_dist/pipeline/local_cluster.py`): a CPU-0 head "
              "plus "
              f"{', '.join(f'{n}x `{t}`' for t, n in NODES.items())} of {launcher}, each node its own raylet and object "
-             "store. Roles placed by resources: " + ", ".join(f"{r} `{res}`" for r, res in ROLE_RESOURCES.items()) +
+             "store (300 MB). Roles placed by resources: " + ", ".join(f"{r} `{res}`" for r, res in ROLE_RESOURCES.items()) +
              ". The whole node (raylet, object store, every process on it) is SIGKILLed at the point named, without "
              "telling the GCS; the runs are deterministic, so a run that lost a node must log the undisturbed run's "
-             "numbers.", "",
+             "numbers. *Recovery s*: from the kill to the next iteration logged, less the run's median iteration. "
+             "*Came back on*: the node the lost role runs on afterwards (from the run's `placement.json`).", "",
              "| fault | injected | node killed | finished | s | recovery s | actor restarts | calls re-run | "
              "learner restarts | iterations redone | came back on | duplicate MLflow points | reward/mean = reference |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -68,7 +68,7 @@ class LocalCluster:
     launcher: str | Path
     start_nodes: dict[str, int] = field(default_factory=dict)
     cpus: float = 1
-    object_store_mb: int = 150
+    object_store_mb: int = 300
     types: dict[str, NodeType] = field(init=False)
     nodes: list[tuple[str, object]] = field(init=False, default_factory=list)   # (type, ray Node), live ones
 

@@ -269,7 +269,8 @@ def _run(cfg: TrainConfig, run: dict, out: Path, ckpt_root: str) -> dict:
     cfg_dict = to_dict(cfg)
     t0 = time.perf_counter()
     # The weight store (and the fault record it keeps) lives on the driver's node: a run never loses that one.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # (hard: a soft affinity was seen to land it on a worker node, which a node loss then took with the record)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     store = ray.remote(WeightStore).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote()
     samplers = _pool(SamplerWorker, cfg_dict, cfg.cluster.samplers, store)
     rewards = _pool(RewardWorker, cfg_dict, cfg.cluster.rewards)
@@ -343,7 +344,7 @@ def _placement(store, out: Path) -> Path | None:
     from rlr_dist.pipeline.learner import STARTS_FILE
 
     try:
-        actors = ray.get(store.record.remote(), timeout=30)
+        actors, store_node = ray.get([store.record.remote(), store.node.remote()], timeout=30)
     except Exception as e:  # noqa: BLE001 - the record is a report; the run's own outcome is what matters
         print(f"[rlr-dist] note: no placement record ({type(e).__name__})", flush=True)
         return None
@@ -353,7 +354,7 @@ def _placement(store, out: Path) -> Path | None:
     used = {inc.partition("@")[2] for _, inc in actors} | {n for s in learners for n in s["nodes"]}
     nodes = {n["NodeID"]: {"alive": n["Alive"], "resources": n["Resources"]} for n in ray.nodes() if n["NodeID"] in used}
     doc = {"actors": [{"actor": a, "incarnation": inc.partition("@")[0], "node": inc.partition("@")[2]}
-                      for a, inc in actors], "learners": learners, "nodes": nodes}
+                      for a, inc in actors], "learners": learners, "weight_store": store_node, "nodes": nodes}
     path = out / PLACEMENT_FILE
     path.write_text(json.dumps(doc, indent=1))
     return path

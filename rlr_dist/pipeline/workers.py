@@ -114,6 +114,9 @@ class WeightStore:
     def record(self) -> list[tuple[str, str]]:
         return list(self.placements)
 
+    def node(self) -> str:
+        return node_id()
+
 
 class SamplerWorker:
     def __init__(self, cfg: dict, index: int = 0, store=None):
