@@ -15,6 +15,7 @@ line and nowhere else; ``radosgw-admin``'s answer (which repeats it) is parsed, 
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import secrets
 import shutil
@@ -340,15 +341,11 @@ class RGW:
     def close(self) -> None:
         """Kill every daemon (their process group) and remove the scratch folder."""
         if self.pgid is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # the group may be gone already
                 os.killpg(self.pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             for p in self.procs.values():
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILLed: reaped, or left to init
                     p.wait(10)
-                except subprocess.TimeoutExpired:
-                    pass
             self.pgid = None
         self.procs.clear()
         if self.dir is not None:
