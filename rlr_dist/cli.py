@@ -396,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--workers", type=int, default=None, help="worker processes (default: the study file's)")
     bs.add_argument("--out", default=None, help="report path (.md; .csv/.json/.png beside it; default "
                     "docs/results/<study file name>.md), '-' for none")
-    bs.add_argument("--reuse", action="store_true", help="take the training runs from the report's earlier .json "
-                    "(re-run only the gradient draws and the report)")
+    bs.add_argument("--reuse", action="store_true", help="take the training runs found in the report's earlier .json "
+                    "and run only the cells it lacks (e.g. methods added); the gradient draws and the report run again")
     bs.set_defaults(func=_bench_study)
     bf = bsub.add_parser("faults", help="faults injected into a real Ray run and bad inputs: what happened, recovery time")
     bf.add_argument("--config", default="jobs/configs/digits.yaml", help="training config (default: the demo's, made small)")

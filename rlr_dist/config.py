@@ -60,6 +60,8 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"{where}: must not be null")
+        if len(args) == 2 and type(None) in args:  # Optional[X]: X's own error, with its field names
+            return coerce(next(a for a in args if a is not type(None)), value, where)
         errors = []
         for a in args:
             if a is type(None):

@@ -22,13 +22,21 @@ def test_study_file_errors_name_the_field(tmp_path):
         load_study(_write(tmp_path, "base: digits.yaml\nmethods: {bad: {h: 2}}\n"))
     with pytest.raises(ConfigError, match=r"methods\.rlr with regularisers\.none: estimator\.hh"):
         load_study(_write(tmp_path, "base: digits.yaml\nmethods: {rlr: {name: rlr, hh: 2}}\n"))
+    with pytest.raises(ConfigError, match=r"only\.lr: names no method"):
+        load_study(_write(tmp_path, "base: digits.yaml\nmethods: {rlr: {name: rlr}}\nonly: {lr: [none]}\n"))
+    with pytest.raises(ConfigError, match=r"only\.rlr: must list some of the regularisers"):
+        load_study(_write(tmp_path, "base: digits.yaml\nmethods: {rlr: {name: rlr}}\nonly: {rlr: [kl]}\n"))
     with pytest.raises(ConfigError, match=r"base: .*nope.yaml does not exist"):
         load_study(_write(tmp_path, "base: nope.yaml\nmethods: {rlr: {name: rlr}}\n"))
 
 
 def test_shipped_study_resolves_every_cell():
     study, cells = load_study("jobs/configs/study-digits.yaml")
-    assert len(cells) == len(study.methods) * len(study.regularisers) * len(study.seeds) >= 7 * 2 * 3
+    skipped = sum(len(study.regularisers) - len(regs) for regs in study.only.values())
+    assert len(cells) == (len(study.methods) * len(study.regularisers) - skipped) * len(study.seeds) >= 9 * 2 * 3 - 3
+    assert {c["regulariser"] for c in cells if c["method"] == "rlr_release"} == {"none"}
+    study, cells = load_study("jobs/configs/study-blackbox.yaml")
+    assert len(cells) == len(study.methods) * len(study.seeds) and "rlr_bb_value" in study.methods
 
 
 def test_tiny_study_writes_table_csv_and_plot(tmp_path):
@@ -57,6 +65,22 @@ gradient_draws: 2
     assert "| rlr_h2 |" in grads and "| tbp_k1 |" in grads and "1 (itself)" in grads
     again = main(p, tmp_path / "out" / "study.md", reuse=True)  # the training runs are not repeated
     assert again.split("## Gradient estimates")[0].split("Base config")[1] == text.split("## Gradient estimates")[0].split("Base config")[1]
+    # a method added later: only its cells run (and only with the regulariser `only` allows), the others are kept
+    body = p.read_text().replace("tbp_k1: {name: truncated_bp, K: 1}}",
+                                 "tbp_k1: {name: truncated_bp, K: 1}, rlr_value: {name: rlr, h: 2, baseline: value},"
+                                 " rlr_release: {name: rlr_release}}")
+    p.write_text(body.replace("regularisers: {kl: {name: kl_exact, beta: 0.1}}",
+                              "regularisers: {kl: {name: kl_exact, beta: 0.1}, none: {name: none}}\n"
+                              "only: {rlr_h2: [kl], tbp_k1: [kl], rlr_release: [none]}\ngradient_warmup: 2\n"
+                              "compare_to: rlr_h2"))
+    grown = main(p, tmp_path / "out" / "study.md", reuse=True)
+    rows2 = list(csv.DictReader(open(tmp_path / "out" / "study.csv")))
+    assert [(r["regulariser"], r["method"]) for r in rows2] == [
+        ("kl", "rlr_h2"), ("kl", "tbp_k1"), ("kl", "rlr_value"), ("none", "rlr_value"), ("none", "rlr_release")]
+    assert rows2[:2] == rows  # taken from the first run, not run again
+    grads = grown.split("## Gradient estimates")[1]
+    assert "| rlr_value |" in grads and "tr Cov / tr Cov(rlr_h2) |" in grads
+    assert [line.rsplit("|", 2)[-2].strip() for line in grads.splitlines() if line.startswith("| rlr_h2 |")] == ["1"]
 
 
 def test_variants_must_be_override_lists(tmp_path):

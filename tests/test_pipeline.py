@@ -59,21 +59,23 @@ def _lora(folder):
 
 
 def test_train_tracks_checkpoints_and_resumes_to_the_single_process_result(ray_cluster, tiny, tmp_path):
-    """2 iterations, stop, resume to 4 on 2 DeepSpeed learners == 4 iterations of the single-process loop."""
+    """2 iterations, stop, resume to 4 on 2 DeepSpeed learners == 4 iterations of the single-process loop — with
+    RLR's learned value baseline, which each learner fits on the records of both (gathered), which the checkpoint
+    carries across the resume, and which weights the likelihood ratios of iterations 3 and 4."""
     from mlflow.tracking import MlflowClient
 
     from rlr_dist.pipeline.run import train
     from rlr_dist.train.local import train_local
 
     out = tmp_path / "run"
-    first = train(_cfg(tiny["pixel"], out, **{"train.iterations": 2}))
+    first = train(_cfg(tiny["pixel"], out, **{"train.iterations": 2, "estimator": VALUE}))
     assert first["metrics"]["weights_version"] == 2
     ckpt = first["checkpoint"]
     assert json.loads(open(f"{ckpt}/state.json").read())["iteration"] == 2
     listed = json.loads(open(f"{ckpt}/manifest.json").read())["files"]
     # every rank's optimizer shard is listed (and present: the manifest is verified on resume)
     assert any("zero_pp_rank_1" in rel for rel in listed) and any("zero_pp_rank_0" in rel for rel in listed)
-    resumed = train(_cfg(tiny["pixel"], out, export=str(tmp_path / "export")), resume=True)
+    resumed = train(_cfg(tiny["pixel"], out, export=str(tmp_path / "export"), estimator=VALUE), resume=True)
     assert resumed["run_id"] == first["run_id"] and resumed["metrics"]["weights_version"] == 4
 
     # MLflow: the resolved config as params, a metric per iteration, pictures and config as artifacts
@@ -91,7 +93,8 @@ def test_train_tracks_checkpoints_and_resumes_to_the_single_process_result(ray_c
         "samples/iter_00000.png", "samples/iter_00002.png", "samples/iter_00004.png"}  # 0: before training
     assert [m.step for m in client.get_metric_history(first["run_id"], "eval/reward")] == [0, 2, 4]
 
-    model, history = train_local(_cfg(tiny["pixel"], tmp_path / "local"))
+    model, history = train_local(_cfg(tiny["pixel"], tmp_path / "local", estimator=VALUE))
+    assert [h.get("value/steps_used", 0) for h in history][2:] == [3, 3]  # V weights every LR step from iteration 3
     local = model.trained_state()
     exported = {k[len("unet."):]: v for k, v in _lora(tmp_path / "export").items()}
     assert exported.keys() == local.keys()
@@ -99,11 +102,12 @@ def test_train_tracks_checkpoints_and_resumes_to_the_single_process_result(ray_c
     # Adam divides by √v of tiny gradients, so float rounding of the DDP average shows up at ~1e-5
     for k in local:
         torch.testing.assert_close(exported[k], local[k], rtol=1e-3, atol=1e-4)
-    for key in ("reward/mean", "kl/sampled", "loss/total", "loss/zo"):  # 2 learners' shares summed = 1 process
+    for key in ("reward/mean", "kl/sampled", "loss/total", "loss/zo", "value/loss"):  # 2 learners' shares = 1 process
         steps = sorted(client.get_metric_history(first["run_id"], key), key=lambda m: m.step)
         assert [m.value for m in steps] == pytest.approx([h[key] for h in history], rel=1e-4, abs=1e-7), key
 
 
+VALUE = {"name": "rlr", "h": 1, "baseline": "value", "value": {"steps": 20, "min_skill": -100.0}}
 TRANSPORT = ("time/", "samples_per_s", "weights_version", "restarts/")  # what only the Ray loop measures
 
 

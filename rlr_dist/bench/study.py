@@ -50,6 +50,9 @@ class StudyConfig:
     eval_samples: int = 64
     workers: int = 2
     gradient_draws: int = 0  # > 0: also that many gradient estimates per method at the pretrained weights
+    gradient_warmup: int = 0  # batches each method learns from (a value baseline) before the measured draws
+    only: dict[str, list[str]] = field(default_factory=dict)  # method -> the regularisers it runs with (default: all)
+    compare_to: str | None = None  # a method: the gradient table adds every method's tr Cov as a ratio to its
 
     def __post_init__(self) -> None:
         check(len(self.methods) > 0, "methods", "must name at least one estimator")
@@ -58,10 +61,18 @@ class StudyConfig:
         check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
         check(self.gradient_draws == 0 or self.gradient_draws >= 2, "gradient_draws",
               f"must be 0 (off) or >= 2, got {self.gradient_draws}")
+        check(self.gradient_warmup >= 0, "gradient_warmup", f"must be >= 0, got {self.gradient_warmup}")
         check(len(self.variants) > 0, "variants", "must name at least one variant (label: [overrides])")
         for label, ov in self.variants.items():
             check(isinstance(ov, list) and all(isinstance(o, str) and o.startswith("--") for o in ov),
                   f"variants.{label}", "must be a list of dotted overrides, e.g. ['--model.flow.window={kind: all}']")
+        check(self.compare_to is None or self.compare_to in self.methods, "compare_to",
+              f"names no method; methods are {sorted(self.methods)}")
+        for label, regs in self.only.items():
+            check(label in self.methods, f"only.{label}", f"names no method; methods are {sorted(self.methods)}")
+            bad = [r for r in regs if r not in self.regularisers]
+            check(not bad and len(regs) > 0, f"only.{label}",
+                  f"must list some of the regularisers {sorted(self.regularisers)}, got {regs}")
         for group in ("methods", "regularisers"):
             for label, section in getattr(self, group).items():
                 check(isinstance(section, dict) and "name" in section, f"{group}.{label}",
@@ -84,6 +95,8 @@ def load_study(path: str | Path):
     for var_label, var in study.variants.items():
         for reg_label, reg in study.regularisers.items():
             for label, est in study.methods.items():
+                if label in study.only and reg_label not in study.only[label]:
+                    continue
                 ov = list(study.overrides) + var + [f"--estimator={json.dumps(est)}", f"--regulariser={json.dumps(reg)}",
                                                     "--train.eval_every=0"]
                 where = f"methods.{label} with regularisers.{reg_label}" + (
@@ -129,7 +142,7 @@ def run_cell(cell: dict, eval_every: int, eval_samples: int) -> dict:
         train_local(cfg, on_iteration=on_iteration, model=model)
     wall = time.perf_counter() - t0  # includes the evaluations, the same for every method
     last = {**curve[-1], "kl_chain": chain_kl(model, eval_prompts, eval_samples)}
-    return {**{k: cell[k] for k in KEYS}, "before": before, "curve": curve,
+    return {**{k: cell[k] for k in KEYS}, "date": str(date.today()), "before": before, "curve": curve,
             "wall_s": wall, "peak_activation_mb": meter.peak / 2**20, "queries": last["queries"],
             "final": {k: last.get(k) for k in FINAL}}
 
@@ -153,9 +166,11 @@ def chain_kl(model, prompts: list[str], n: int, seed: int = 123_456) -> float:
     return float(traj.delta.double().sum(1).mean() / 2)
 
 
-def gradient_draws(cell: dict, draws: int) -> dict:
-    """``draws`` independent gradient estimates (batches of the study's size) at the pretrained weights:
-    their mean and ``tr Cov`` of one estimate (runs in a worker process)."""
+def gradient_draws(cell: dict, draws: int, warmup: int = 0) -> dict:
+    """``draws`` gradient estimates (batches of the study's size) at the pretrained weights: their mean and
+    ``tr Cov`` of one estimate (runs in a worker process). After every batch the estimator learns from it as in
+    training (``observe``, ``learn_from``: a value baseline fits on the returns seen); the first ``warmup``
+    batches are only learned from. Estimators that learn nothing give independent draws."""
     torch.set_num_threads(1)
     from rlr_dist.estimators import Advantages
     from rlr_dist.models import load_model
@@ -172,30 +187,40 @@ def gradient_draws(cell: dict, draws: int) -> dict:
     params, prompts, t = model.trainable_parameters(), cfg.data.load_prompts(), cfg.train
     grads = []
     t0 = time.perf_counter()
-    for d in range(draws):
+    d = -warmup
+    while d < draws:
+        if d == 0:
+            t0 = time.perf_counter()
         works = step.iteration_work(prompts, 10_000 + d, t.seed, t.prompts_per_iteration, t.samples_per_prompt, 1)
         chunks = [step.score(scorer, step.rollout(model, step.with_plan(w, estimator, model.schedule()), 0),
                              estimator.needs_reward_grad) for w in works]
         for p in params:
             p.grad = None
-        step.learn(model, estimator, regulariser, Advantages(t.advantage_baseline, t.advantage_scale), chunks,
-                   all_rewards=torch.cat([c.reward for c in chunks]))
-        grads.append(torch.cat([p.grad.flatten().double() for p in params]))
+        stats = step.learn(model, estimator, regulariser, Advantages(t.advantage_baseline, t.advantage_scale), chunks,
+                           all_rewards=torch.cat([c.reward for c in chunks]))
+        estimator.observe(stats)
+        records = estimator.take_records()
+        estimator.learn_from([records])
+        if d >= 0:
+            grads.append(torch.cat([p.grad.flatten().double() for p in params]))
+        d = 0 if d < 0 and records is None and not estimator.reads_term_norms else d + 1  # nothing to warm up
     G = torch.stack(grads)
     return {"variant": cell["variant"], "method": cell["method"], "regulariser": cell["regulariser"], "mean": G.mean(0),
             "tr_cov": float(G.var(0).sum()), "draws": draws, "seconds_per_draw": (time.perf_counter() - t0) / draws}
 
 
-def spread_table(rows: list[dict], reference: str) -> list[str]:
+def spread_table(rows: list[dict], reference: str, compare_to: str | None = None) -> list[str]:
     """Variance of one batch's estimate against the ``reference`` method's signal ``S = ‖E ĝ_ref‖²``
     (full backprop: unbiased, least noisy), and the cosine of each method's mean gradient with the
     reference's next to the cosine an *unbiased* estimator would show from noise alone,
     ``1/√((1 + V/(nS))(1 + V_ref/(nS)))`` — a cosine well below it means bias."""
     ref = next(r for r in rows if r["method"] == reference)
     S = float(ref["mean"].pow(2).sum()) - ref["tr_cov"] / ref["draws"]
+    base = next((r for r in rows if r["method"] == compare_to), None)
     lines = [f"Signal of `{reference}`: ‖E ĝ‖² = {S:.4g} (debiased).", "",
              f"| method | tr Cov(ĝ) | tr Cov / ‖E ĝ_{reference}‖² | cos(E ĝ, E ĝ_{reference}) | same if unbiased | "
-             "s per estimate |", "|---|---|---|---|---|---|"]
+             "s per estimate |" + (f" tr Cov / tr Cov({compare_to}) |" if base else ""),
+             "|---|---|---|---|---|---|" + ("---|" if base else "")]
     for r in rows:
         cos = float(torch.nn.functional.cosine_similarity(r["mean"], ref["mean"], dim=0))
         if S > 0:
@@ -204,7 +229,8 @@ def spread_table(rows: list[dict], reference: str) -> list[str]:
         else:  # the reference's own mean is noise-dominated: no signal to compare with
             ratio = same = "–"
         lines.append(f"| {r['method']} | {r['tr_cov']:.4g} | {ratio} | {cos:+.3f} | "
-                     f"{'1 (itself)' if r is ref else same} | {r['seconds_per_draw']:.2f} |")
+                     f"{'1 (itself)' if r is ref else same} | {r['seconds_per_draw']:.2f} |"
+                     + (f" {r['tr_cov'] / base['tr_cov']:.3g} |" if base else ""))
     return lines
 
 
@@ -226,7 +252,8 @@ def _pooled(fn, jobs: list[tuple], workers: int, line) -> list:
 
 def main(path: str | Path, out: str | Path | None = None, workers: int | None = None, reuse: bool = False) -> str:
     """Run every cell of the study at ``path``; write ``<out>.md`` (+ ``.csv``, ``.json``, ``.png``).
-    ``reuse``: take the training runs from an earlier ``<out>.json`` (only the gradient draws run again)."""
+    ``reuse``: take the training runs found in an earlier ``<out>.json`` and run only the cells it lacks (e.g.
+    methods added to the study); the gradient draws always run again."""
     study, cells = load_study(path)
     workers = workers or study.workers
     t0 = time.perf_counter()
@@ -234,27 +261,38 @@ def main(path: str | Path, out: str | Path | None = None, workers: int | None = 
         if out is None or not Path(out).with_suffix(".json").is_file():
             raise ConfigError(f"--reuse needs the results of an earlier run at {Path(out or '-').with_suffix('.json')}")
         saved = json.loads(Path(out).with_suffix(".json").read_text())
-        results, train_s = saved["results"], saved["meta"].get("train_wall_s", saved["meta"]["wall_s"])
+        train_s = saved["meta"].get("train_wall_s", saved["meta"]["wall_s"])
+        have = {tuple(r.get(k, "base") for k in KEYS): {"date": saved["meta"]["date"], **r} for r in saved["results"]}
+        reused = [have[key] for c in cells if (key := tuple(c[k] for k in KEYS)) in have]
+        todo = [c for c in cells if tuple(c[k] for k in KEYS) not in have]
+        print(f"[study] {len(reused)} runs taken from {Path(out).with_suffix('.json')}, {len(todo)} to run", flush=True)
     else:
-        print(f"[study] {len(cells)} runs ({len(study.methods)} methods x {len(study.regularisers)} regularisers x "
+        reused, todo = [], cells
+    if todo:
+        t_run = time.perf_counter()
+        print(f"[study] {len(todo)} runs ({len(study.methods)} methods x {len(study.regularisers)} regularisers x "
               f"{len(study.variants)} variants x {len(study.seeds)} seeds) on {workers} worker process(es)", flush=True)
-        results = _pooled(run_cell, [(c, study.eval_every, study.eval_samples) for c in cells],
-                          workers, lambda r: f"{r['method']} / {r['regulariser']} / {r['variant']} / seed {r['seed']}: held-out "
-                          f"{r['before']['heldout']:.3f} -> {r['final']['heldout']:.3f}, KL {r['final']['kl']:.2f}, "
-                          f"{r['wall_s']:.0f} s")
-        train_s = time.perf_counter() - t0
+        new = _pooled(run_cell, [(c, study.eval_every, study.eval_samples) for c in todo],
+                      workers, lambda r: f"{r['method']} / {r['regulariser']} / {r['variant']} / seed {r['seed']}: held-out "
+                      f"{r['before']['heldout']:.3f} -> {r['final']['heldout']:.3f}, KL {r['final']['kl']:.2f}, "
+                      f"{r['wall_s']:.0f} s")
+        train_s = (train_s if reuse else 0.0) + time.perf_counter() - t_run
+        order = {tuple(c[k] for k in KEYS): i for i, c in enumerate(cells)}
+        results = sorted(reused + new, key=lambda r: order[tuple(r.get(k, "base") for k in KEYS)])
+    else:
+        results = reused
     spread = []
     if study.gradient_draws:
         first = {}
         for c in cells:  # the first regulariser and seed of every (variant, method)
             first.setdefault((c["variant"], c["method"]), c)
         print(f"[study] {study.gradient_draws} gradient estimates per method at the pretrained weights", flush=True)
-        rows = _pooled(gradient_draws, [(c, study.gradient_draws) for c in first.values()], workers,
+        rows = _pooled(gradient_draws, [(c, study.gradient_draws, study.gradient_warmup) for c in first.values()], workers,
                        lambda r: f"gradients of {r['method']} ({r['variant']}): tr Cov {r['tr_cov']:.4g}")
         for variant in study.variants:
             vrows = [r for r in rows if r["variant"] == variant]
             reference = "full_bp" if any(r["method"] == "full_bp" for r in vrows) else vrows[0]["method"]
-            spread += ([f"### variant `{variant}`", ""] if len(study.variants) > 1 else []) + spread_table(vrows, reference) + [""]
+            spread += ([f"### variant `{variant}`", ""] if len(study.variants) > 1 else []) + spread_table(vrows, reference, study.compare_to) + [""]
     meta = {"study": str(path), "date": str(date.today()), "cpus": os.cpu_count(), "workers": workers,
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "train_wall_s": train_s, "wall_s": time.perf_counter() - t0,
@@ -341,7 +379,14 @@ def report(results: list[dict], meta: dict, spread: list[str] = ()) -> str:
                      f"{f('heldout')} | {f('reward')} | {f('kl')} | {f('kl_chain')} | {f('pairwise_l2')} | {f('class_entropy')} | "
                      f"{_ms([r['wall_s'] for r in rs], spread=False)} | "
                      f"{_ms([r['peak_activation_mb'] for r in rs], spread=False)} |")
-    lines += ["", "Mean ± standard deviation over seeds.", "", "![held-out reward vs reward queries](PLOT)", ""]
+    lines += ["", "Mean ± standard deviation over seeds."]
+    dates: dict[str, set] = {}
+    for r in results:
+        dates.setdefault(r.get("date", meta["date"]), set()).add(f"{r['regulariser']}/{r['method']}")
+    if len(dates) > 1:  # --reuse kept runs of an earlier code state: say which
+        lines += ["", "Runs by date (older ones taken from the previous report with `--reuse`; code changed in between, "
+                  "compare them with care): " + "; ".join(f"{d}: {', '.join(sorted(c))}" for d, c in sorted(dates.items())) + "."]
+    lines += ["", "![held-out reward vs reward queries](PLOT)", ""]
     if spread:
         lines += [f"## Gradient estimates at the pretrained weights ({cfg['gradient_draws']} independent batches of "
                   f"{results[0]['queries'] // max(1, len(results[0]['curve']))} per method, first regulariser)", "",

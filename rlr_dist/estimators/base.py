@@ -71,6 +71,7 @@ class Batch:
         else:
             self.cum_cost = None
         self._adv: dict[int, Tensor] = {}
+        self._state_baseline: dict[int, Tensor] = {}
 
     @property
     def schedule(self) -> GaussianSchedule:
@@ -86,10 +87,20 @@ class Batch:
         return self.R - self.regulariser.beta * self.cum_cost[:, m]
 
     def advantage(self, m: int) -> Tensor:
-        """The advantage weighting step m's likelihood ratio (times the log-prob scale, 1 unless mean_compat)."""
+        """The advantage weighting step m's likelihood ratio (times the log-prob scale, 1 unless mean_compat):
+        the group baseline of the return, or of the return minus a per-sample state baseline when one is set."""
         if m not in self._adv:
-            self._adv[m] = self.advantages(self.returns(m), self.traj.prompt_ids) * self.logp_scale
+            G = self.returns(m)
+            if m in self._state_baseline:
+                G = G - self._state_baseline[m]
+            self._adv[m] = self.advantages(G, self.traj.prompt_ids) * self.logp_scale
         return self._adv[m]
+
+    def set_state_baseline(self, m: int, b: Tensor) -> None:
+        """A per-sample baseline for step m's likelihood ratio, subtracted before the group baseline; it must
+        not depend on the step's own action ε_m (e.g. a function of x_m alone), or the estimate is biased."""
+        self._state_baseline[m] = b.detach().to(self.R)
+        self._adv.pop(m, None)
 
 
 @dataclass(frozen=True)
@@ -195,6 +206,17 @@ class Estimator(ABC):
     def observe(self, stats: dict[str, float]) -> None:
         """Per-term statistics of the last step, summed over every learner (``loss/<term>`` and, when
         :attr:`reads_term_norms`, ``gnorm/<term>``)."""
+
+    def take_records(self) -> Any:
+        """What this process's :meth:`terms` calls recorded since the last call, for the estimator to learn from
+        (e.g. a value baseline's states and returns); ``None``: nothing. Every learner's records are gathered and
+        handed to :meth:`learn_from` on every learner, so all end the iteration in the same state."""
+        return None
+
+    def learn_from(self, records: list) -> dict[str, float]:
+        """Learn from the iteration's records (every learner's :meth:`take_records`, in rank order); returns
+        metrics about it."""
+        return {}
 
     def plan_metrics(self, plans: list[Plan], schedule: GaussianSchedule) -> dict[str, float]:
         """Numbers about the plans just drawn for an iteration (e.g. the RLR block start and its law)."""

@@ -33,6 +33,7 @@ from torch import Tensor
 from rlr_dist.chain.schedule import GaussianSchedule
 from rlr_dist.chain.trajectory import Plan, inner
 from rlr_dist.registry import check_param
+from rlr_dist.estimators.value import ValueBaseline, ValueConfig
 from rlr_dist.estimators.base import (DETERMINISTIC_MODES, ESTIMATORS, Backprop, Batch, Estimator, absorbed_backprop,
                                       explicit_cost, pathwise_term, require_stochastic, segment, segment_calls,
                                       segment_lr_term, segment_reference_calls, segment_shape, segment_top)
@@ -40,6 +41,7 @@ from rlr_dist.estimators.base import (DETERMINISTIC_MODES, ESTIMATORS, Backprop,
 ZO_MODES = ("lr", "lr_sampled", "spsa", "none")
 J_LAWS = ("uniform", "range", "softmax")
 ZO_SAMPLING = ("uniform", "variance")
+BASELINES = ("group", "value")
 
 
 @dataclass
@@ -89,7 +91,8 @@ class RLR(Estimator):
     def __init__(self, h: int = 2, zo: str = "lr", K: int = 4, j_law: str = "uniform",
                  j_range: tuple[int, int] | None = None, temperature: float = 1.0, ema: float = 0.9,
                  spsa_scale: float = 1e-2, fo: bool = True, deterministic: str = "error",
-                 zo_sampling: str = "uniform", zo_mix: float = 0.1) -> None:
+                 zo_sampling: str = "uniform", zo_mix: float = 0.1, baseline: str = "group",
+                 value: ValueConfig | None = None) -> None:
         check_param("h", h >= 1, f"must be >= 1, got {h}")
         check_param("zo", zo in ZO_MODES, f"must be one of {ZO_MODES}, got {zo!r}")
         check_param("j_law", j_law in J_LAWS, f"must be one of {J_LAWS}, got {j_law!r}")
@@ -107,6 +110,14 @@ class RLR(Estimator):
         check_param("zo_mix", 0 < zo_mix <= 1,
                     f"must be in (0, 1] (the uniform share of the ZO step law, which keeps every p_k > 0), "
                     f"got {zo_mix}")
+        check_param("baseline", baseline in BASELINES, f"must be one of {BASELINES}, got {baseline!r}")
+        check_param("value", value is None or baseline == "value",
+                    f"configures the learned baseline: it needs baseline='value', got baseline={baseline!r}")
+        check_param("baseline", baseline == "group" or zo in ("lr", "lr_sampled"),
+                    f"{baseline!r} baselines the zero-order likelihood ratios: it needs zo='lr' or 'lr_sampled', "
+                    f"got zo={zo!r}")
+        self.baseline = baseline
+        self.value = ValueBaseline(value or ValueConfig()) if baseline == "value" else None
         self.deterministic = deterministic
         self.fixed_steps: tuple[int, ...] | None = None  # steps left without gradient (set by check / plan)
         self._segments: tuple[int, list] | None = None    # (T, per-plan pathwise segments) with absorb (set by check)
@@ -272,12 +283,29 @@ class RLR(Estimator):
         if self.zo == "spsa":  # first: it shifts θ in place, which must not happen under a live graph
             yield "zo:spsa", spsa_term(b, self.zo_set(b.traj.T, p.j), self.spsa_scale, p.seed)
         sig = b.traj.sigma
+        h = max(p.h, self._top(sig, p.j + p.h - 1) - p.j + 1)
+        if self.value is not None:  # V at the state each likelihood-ratio term starts from (never after its action)
+            for k, top in ((p.j, p.j + h - 1), *((k, self._top(sig, k)) for k in p.steps)):
+                v = self.value.baseline(self.baseline_state(b, k, top), top, b.returns(k), b.traj.T)
+                if v is not None:
+                    b.set_state_baseline(k, v)
         if self.fo:
             yield "fo", pathwise_term(b, self._top(sig, 1))
-        yield "ho", self.ho_term(b, p.j, max(p.h, self._top(sig, p.j + p.h - 1) - p.j + 1))
+        yield "ho", self.ho_term(b, p.j, h)
         weights = getattr(p, "step_weights", None) or (p.step_weight,) * len(p.steps)
         for k, w in zip(p.steps, weights):
             yield f"zo:{k}", segment_lr_term(b, k, self._top(sig, k), w)
+
+    def baseline_state(self, b: Batch, k: int, top: int) -> Tensor:
+        """The state the value baseline of step k's likelihood ratio reads: ``x_top``, recorded *before* the
+        action ε_k (a state after it would correlate the baseline with the action: biased)."""
+        return b.traj.state(top)
+
+    def take_records(self):
+        return None if self.value is None else self.value.take()
+
+    def learn_from(self, records: list) -> dict[str, float]:
+        return {} if self.value is None else self.value.fit(records)
 
     def ho_term(self, b: Batch, j: int, h: int) -> Tensor:
         """``−mean_b[ sg(A^(j)) ⟨m_j(θ), sg ε_j⟩/σ_j − β Σ_{k∈S} c_k(x̃_k(θ); θ) ]``."""
@@ -301,10 +329,13 @@ class RLR(Estimator):
                 self.step_norm[k] = v if old is None else self.ema * old + (1 - self.ema) * v
 
     def state_dict(self) -> dict:
-        return {"step_norm": {str(k): v for k, v in self.step_norm.items()}}
+        out = {"step_norm": {str(k): v for k, v in self.step_norm.items()}}
+        return out if self.value is None else {**out, "value": self.value.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_norm = {int(k): float(v) for k, v in state.get("step_norm", {}).items()}
+        if self.value is not None:
+            self.value.load_state_dict(state.get("value", {}))
 
     def j_probabilities(self, schedule: GaussianSchedule) -> dict[int, float]:
         """The law of the block start j this estimator draws from now (uniform until norms are measured)."""
@@ -355,6 +386,7 @@ class RLR(Estimator):
         return {"name": "rlr", "h": self.h, "zo": self.zo, "K": self.K, "j_law": self.j_law,
                 "j_range": self.j_range, "fo": self.fo, "spsa_scale": self.spsa_scale,
                 "deterministic": self.deterministic, "zo_sampling": self.zo_sampling, "zo_mix": self.zo_mix,
+                "baseline": self.baseline,
                 "fixed_steps": None if self.fixed_steps is None else list(self.fixed_steps)}
 
 

@@ -121,7 +121,7 @@ def learner_loop(config: dict) -> None:
         engine.step()
         gnorm = engine.get_global_grad_norm() if gnorm is None else gnorm  # ZeRO: DeepSpeed's (pre-clip) norm
         learn_s = time.perf_counter() - t_learn
-        metrics = core.finish(it, every, summed, gnorm)
+        metrics = core.finish(it, every, summed, gnorm, gather(core.estimator.take_records()))
         retries = sum(gather(pools.retries))
         pools.retries = 0
         if rank == 0:

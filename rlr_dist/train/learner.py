@@ -84,14 +84,17 @@ class Learner:
                           track_norms=self.estimator.reads_term_norms, optimizer_step=optimizer_step)
 
     def finish(self, iteration: int, summaries: Sequence[dict], term_stats: dict[str, float],
-               grad_norm: float | None) -> dict:
+               grad_norm: float | None, records: list | None = None) -> dict:
         """End iteration ``iteration``: fold its rewards into the baselines and its per-term norms into the
-        estimator (``term_stats`` summed over every learner); returns the iteration's metrics."""
+        estimator (``term_stats`` summed over every learner), and let the estimator learn from what its terms
+        recorded (``records``: every learner's :meth:`Estimator.take_records`, gathered; ``None``: this
+        process's only, the single-process loop); returns the iteration's metrics."""
         R = torch.cat([s["reward"] for s in summaries])
         self.advantages.update(R, torch.cat([s["prompt_ids"] for s in summaries]))
         self.estimator.observe(term_stats)
+        learned = self.estimator.learn_from([self.estimator.take_records()] if records is None else records)
         out = {**step.batch_metrics(summaries), **step.term_metrics(term_stats, self.T),
-               **self._plan_metrics.pop(iteration, {})}
+               **self._plan_metrics.pop(iteration, {}), **learned}
         out["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
         return out
 
