@@ -192,3 +192,26 @@ def test_features_pool_every_latent_kind():
 def test_bad_value_config_names_the_field(section, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         ESTIMATORS.build(section.pop("name"), section, "estimator")
+
+
+def test_reward_scale_of_a_batch_without_spread_is_one():
+    """A 0/1 reward with no hit in the batch: its std is 0. The group baseline's advantages are all 0 then, a state
+    baseline's are ``−(V − mean V)``: a scale of ``1/min_std`` made them a million times too large (measured: a
+    gradient norm of 4e7 against ~300 on the digits world's black-box reward)."""
+    adv = Advantages("loo", "batch_std")
+    assert adv.scale_factor(torch.zeros(16)) == 1.0
+    assert adv.scale_factor(torch.tensor([0.0, 1.0, 0.0, 1.0])) == pytest.approx(1 / torch.tensor([0.0, 1, 0, 1]).std().item())
+    chain = LinearChain(T=T, G=1)
+    est = RLR(h=1, baseline="value", value=ValueConfig(min_skill=-1e9))
+    fit_value(est, chain, iterations=3)
+    est.value.ss_tot, est.value.ss_res = {k: 1.0 for k in range(1, T + 1)}, {k: 0.5 for k in range(1, T + 1)}
+    gen = torch.Generator().manual_seed(2)
+    traj = sample(chain, torch.randn(M, chain.D, generator=gen, dtype=torch.float64), est.plan(chain.schedule, gen),
+                  generator=gen, prompt_ids=torch.zeros(M, dtype=torch.long))
+    b = Batch(traj, chain, torch.zeros(M, dtype=torch.float64), torch.zeros(M, chain.D, dtype=torch.float64),
+              advantages=adv)
+    b.scale = adv.scale_factor(b.reward)
+    stats = backward_terms(est.terms(b), chain.trainable_parameters(), track_norms=True)
+    top = max(v for k, v in stats.items() if k.startswith("gnorm/"))
+    print(f"\n[value] all-equal rewards: largest term norm {top:.3g}")
+    assert 0 < top < 100  # 1e6 times larger before the fix

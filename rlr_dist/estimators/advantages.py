@@ -38,14 +38,16 @@ class Advantages:
         return G - leave_one_out_mean(G, ids)
 
     def scale_factor(self, rewards: Tensor) -> float:
-        """``1/s`` for the whole gradient."""
+        """``1/s`` for the whole gradient; 1 when ``s`` is not above ``min_std`` (every reward the same, e.g. no hit
+        of a 0/1 reward: the group-baseline advantages are all 0 then, but a state baseline's are not, and
+        ``1/min_std`` would blow them up a million times)."""
         if self.scale == "none":
             return 1.0
         if self.scale == "batch_std" or self.std is None:  # running_std falls back to the batch once
             s = float(rewards.detach().double().std()) if rewards.numel() > 1 else 1.0
         else:
             s = self.std
-        return 1.0 / max(s, self.min_std)
+        return 1.0 / s if s > self.min_std else 1.0
 
     def update(self, rewards: Tensor, prompt_ids: Tensor | None) -> None:
         """Fold this iteration's rewards into the running statistics (call after the step)."""
