@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -177,14 +178,27 @@ def interrupt_then_resume(config: str, overrides: list[str], root: Path, after_i
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if f"[iter {after_iteration}/" in line:
+    # The "[iter N/" lines come from the learner through Ray's log forwarding, which on a loaded machine can lag
+    # the run by more than its remaining iterations (a CI run printed all 12 after the last): the checkpoint
+    # folders (one per iteration here) are written on this machine as the iterations end, so either signal counts.
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if f"[iter {after_iteration}/" in line:
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        if seen.is_set() or len(list(out_dir.glob("checkpoints/*/checkpoint_*"))) >= after_iteration:
             proc.send_signal(signal.SIGINT)
             break
-    rest, _ = proc.communicate(timeout=300)
-    lines += rest.splitlines(keepends=True)
+        time.sleep(0.1)
+    proc.wait(timeout=300)
+    reader.join(timeout=30)
     stopped = time.perf_counter()
     from mlflow.tracking import MlflowClient
 
