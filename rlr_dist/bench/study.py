@@ -262,9 +262,9 @@ def main(path: str | Path, out: str | Path | None = None, workers: int | None = 
             raise ConfigError(f"--reuse needs the results of an earlier run at {Path(out or '-').with_suffix('.json')}")
         saved = json.loads(Path(out).with_suffix(".json").read_text())
         train_s = saved["meta"].get("train_wall_s", saved["meta"]["wall_s"])
-        have = {tuple(r.get(k, "base") for k in KEYS): {"date": saved["meta"]["date"], **r} for r in saved["results"]}
-        reused = [have[key] for c in cells if (key := tuple(c[k] for k in KEYS)) in have]
-        todo = [c for c in cells if tuple(c[k] for k in KEYS) not in have]
+        have = {_key(r): {"date": saved["meta"]["date"], **r} for r in saved["results"]}
+        reused = [have[_key(c)] for c in cells if _key(c) in have]
+        todo = [c for c in cells if _key(c) not in have]
         print(f"[study] {len(reused)} runs taken from {Path(out).with_suffix('.json')}, {len(todo)} to run", flush=True)
     else:
         reused, todo = [], cells
@@ -277,8 +277,8 @@ def main(path: str | Path, out: str | Path | None = None, workers: int | None = 
                       f"{r['before']['heldout']:.3f} -> {r['final']['heldout']:.3f}, KL {r['final']['kl']:.2f}, "
                       f"{r['wall_s']:.0f} s")
         train_s = (train_s if reuse else 0.0) + time.perf_counter() - t_run
-        order = {tuple(c[k] for k in KEYS): i for i, c in enumerate(cells)}
-        results = sorted(reused + new, key=lambda r: order[tuple(r.get(k, "base") for k in KEYS)])
+        order = {_key(c): i for i, c in enumerate(cells)}
+        results = sorted(reused + new, key=lambda r: order[_key(r)])
     else:
         results = reused
     spread = []
@@ -315,6 +315,11 @@ def main(path: str | Path, out: str | Path | None = None, workers: int | None = 
 
 READING = "## Reading"
 KEYS = ("variant", "method", "regulariser", "seed")
+
+
+def _key(r: dict) -> tuple:
+    """A cell's or a run's identity (runs of studies without variants: variant "base")."""
+    return tuple(r.get(k, "base") for k in KEYS)
 
 
 FINAL = ("heldout", "heldout_logp", "reward", "kl", "kl_chain", "pairwise_l2", "class_entropy")

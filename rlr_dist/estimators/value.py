@@ -83,6 +83,7 @@ class ValueBaseline:
         self.fits = 0
         self.y_mean, self.y_std = 0.0, 1.0
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._n_pending = 0
 
     # ------------------------------------------------------------------ use
     def skill(self, k: int) -> float | None:
@@ -97,9 +98,12 @@ class ValueBaseline:
     @torch.no_grad()
     def predict(self, feats: Tensor, k: Tensor) -> Tensor:
         """``V`` at features ``feats`` (B, F) of the states of steps ``k`` (B,), float64."""
-        onehot = F.one_hot(k.clamp(0, self.T), self.T + 1).float()
-        out = self.net(torch.cat([feats, onehot], 1)).squeeze(1)
-        return (out.double() * self.y_std + self.y_mean)
+        out = self.net(self._inputs(feats, k)).squeeze(1)
+        return out.double() * self.y_std + self.y_mean
+
+    def _inputs(self, feats: Tensor, k: Tensor) -> Tensor:
+        """The MLP's input: the features and a one-hot of the step."""
+        return torch.cat([feats, F.one_hot(k.clamp(0, self.T), self.T + 1).float()], 1)
 
     def baseline(self, x: Tensor, k: int, target: Tensor, T: int) -> Tensor | None:
         """Record ``(x_k, k, G^(k))`` for the next fit (``T``: the chain's steps); return ``V(x_k, k)`` (float64,
@@ -109,8 +113,9 @@ class ValueBaseline:
         feats = value_features(x, self.cfg.grid).cpu()
         ks = torch.full((x.shape[0],), k, dtype=torch.long)
         self._pending.append((feats, ks, target.detach().double().cpu()))
-        while sum(len(p[1]) for p in self._pending) > self.cfg.buffer:  # never taken (e.g. a test harness)
-            self._pending.pop(0)
+        self._n_pending += len(ks)
+        while self._n_pending > self.cfg.buffer:  # never taken (e.g. a test harness): keep the newest
+            self._n_pending -= len(self._pending.pop(0)[1])
         if not self.usable(k) or feats.shape[1] + self.T + 1 != self.net[0].in_features:
             return None
         return self.predict(feats, ks).to(x.device)
@@ -121,7 +126,7 @@ class ValueBaseline:
         if not self._pending:
             return None
         out = tuple(torch.cat(parts) for parts in zip(*self._pending))
-        self._pending = []
+        self._pending, self._n_pending = [], 0
         return out
 
     def fit(self, records: list[tuple[Tensor, Tensor, Tensor]]) -> dict[str, float]:
@@ -175,7 +180,7 @@ class ValueBaseline:
         c = self.cfg
         feats, ks, ys = self.buf
         self.y_mean, self.y_std = float(ys.mean()), max(float(ys.std()) if len(ys) > 1 else 1.0, 1e-6)
-        x = torch.cat([feats, F.one_hot(ks.clamp(0, self.T), self.T + 1).float()], 1)
+        x = self._inputs(feats, ks)
         y = ((ys - self.y_mean) / self.y_std).float()
         g = torch.Generator().manual_seed(c.seed * 1_000_003 + self.fits)
         self.fits += 1
