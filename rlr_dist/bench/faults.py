@@ -170,33 +170,39 @@ def actor_faults(base: TrainConfig, root: Path, progress: Callable[[str], None] 
     return rows, ref
 
 
+def _verified_iteration(root: Path) -> int:
+    """The newest iteration among the checkpoint folders under ``root`` whose manifest verifies (0: none)."""
+    from rlr_dist import storage
+
+    best = 0
+    for folder in root.glob("*/checkpoint_*"):
+        try:
+            best = max(best, int(storage.verify_manifest(folder).get("iteration", 0)))
+        except (storage.StorageError, OSError, ValueError):
+            continue  # still being written
+    return best
+
+
 def interrupt_then_resume(config: str, overrides: list[str], root: Path, after_iteration: int = 2) -> dict:
-    """SIGINT to an ``rlr-dist train`` process once it logged ``after_iteration``, then ``--resume``."""
+    """SIGINT to an ``rlr-dist train`` process once its checkpoint of ``after_iteration`` verifies, then ``--resume``."""
     out_dir = root / "interrupted"
     argv = [sys.executable, "-m", "rlr_dist.cli", "train", config, *overrides, f"--output_dir={out_dir}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
-    # The "[iter N/" lines come from the learner through Ray's log forwarding, which on a loaded machine can lag
-    # the run by more than its remaining iterations (a CI run printed all 12 after the last): the checkpoint
-    # folders (one per iteration here) are written on this machine as the iterations end, so either signal counts.
+    # Signal once a checkpoint of iteration >= after_iteration verifies on disk (written on this machine as the
+    # iterations end). Not on the "[iter N/" line: it is printed before that iteration's checkpoint is written
+    # (a Ctrl-C right after it resumes one iteration earlier), and it comes through Ray's log forwarding, which on
+    # a loaded machine lagged a whole run (a CI run printed all 12 lines after the last iteration).
     lines: list[str] = []
-    seen = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if f"[iter {after_iteration}/" in line:
-                seen.set()
-
-    reader = threading.Thread(target=read, daemon=True)
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     while proc.poll() is None:
-        if seen.is_set() or len(list(out_dir.glob("checkpoints/*/checkpoint_*"))) >= after_iteration:
+        if _verified_iteration(out_dir / "checkpoints") >= after_iteration:
             proc.send_signal(signal.SIGINT)
             break
-        time.sleep(0.1)
+        time.sleep(0.2)
     proc.wait(timeout=300)
     reader.join(timeout=30)
     stopped = time.perf_counter()
