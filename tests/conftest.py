@@ -12,15 +12,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-import socket  # noqa: E402
 
 import pytest  # noqa: E402
 
+from rlr_dist.ports import free_port  # noqa: E402
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 S3_SECRET = "rlr-test-secret-5f0c2e"  # distinctive, so a test can look for it in every log
@@ -31,7 +27,7 @@ def s3_server(tmp_path_factory):
     """A real HTTP S3 endpoint (moto's server) on 127.0.0.1 with a bucket ``rlr-test``; sets the AWS_* env."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",

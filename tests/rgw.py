@@ -20,7 +20,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,8 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+
+from rlr_dist.ports import free_port
 
 PACKAGES = ("radosgw", "ceph-mon", "ceph-osd")
 LIB = "usr/lib/x86_64-linux-gnu"
@@ -37,11 +38,6 @@ PYTHON = "/usr/bin/python3"  # the `ceph` CLI is Python, with bindings built for
 class RGWError(RuntimeError):
     """Bring-up failed; the message says which step, with the tail of its output or log."""
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cache_dir() -> Path:

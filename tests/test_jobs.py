@@ -11,14 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from rlr_dist.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -28,9 +25,9 @@ def ray_head(tmp_path):
     if ray.is_initialized():
         ray.shutdown()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-    dash = _free_port()
+    dash = free_port()
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix socket paths must fit in 107 bytes
-    subprocess.run([RAY, "start", "--head", f"--port={_free_port()}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
+    subprocess.run([RAY, "start", "--head", f"--port={free_port()}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp}"],
                    check=True, env=env, capture_output=True, timeout=180)
     try:
@@ -87,7 +84,7 @@ def _ui_prints_the_run_link_and_stops_its_server(out: Path, run: dict) -> None:
     import signal
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "rlr_dist.cli", "ui", "--output-dir", str(out), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

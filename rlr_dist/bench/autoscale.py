@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,15 +24,11 @@ from pathlib import Path
 import yaml
 
 from rlr_dist.pipeline.local_cluster import node_types
+from rlr_dist.ports import free_port
 
 FAKE_HEAD_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"  # the provider's fixed id for the head
 PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher_config(launcher: str | Path, gcs_port: int, idle_timeout_minutes: float, cpus: float = 1) -> dict:
@@ -71,7 +66,7 @@ class AutoscalingCluster:
 
     def __enter__(self) -> "AutoscalingCluster":
         self.temp_dir = tempfile.mkdtemp(prefix="ray-as-", dir="/tmp")  # short: unix socket paths <= 107 bytes
-        port, dash = _free_port(), _free_port()
+        port, dash = free_port(), free_port()
         cfg_file = Path(self.temp_dir) / "autoscaler.yaml"
         cfg_file.write_text(yaml.safe_dump(launcher_config(self.launcher, port, self.idle_timeout_minutes, self.cpus)))
         env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
@@ -85,7 +80,7 @@ class AutoscalingCluster:
              "--disable-usage-stats",
              # free ports, not Ray's fixed defaults: another Ray on this machine may hold those (the job agent's
              # 52365 taken means "No available agent to submit job")
-             *(f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "ray-client-server-port",
+             *(f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "ray-client-server-port",
                                                        "metrics-export-port"))], env=env, start_new_session=True, stdout=self.log, stderr=subprocess.STDOUT)
         self.address, self.dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
         t0 = time.time()

@@ -24,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from rlr_dist.ports import free_port
 
 GB, MB = 1e9, 1e6
 BUCKET = 64 << 20      # bytes per gloo broadcast bucket / object-store copy slice
@@ -394,11 +395,6 @@ class Cluster:
             for i in range(n)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
 
 # ---------------------------------------------------------------------------------------------- the runs
 @dataclass
@@ -555,7 +551,7 @@ def time_sync(cl: Cluster, receivers: list, peers: list, size: str, state: dict,
                 ray.get([r.ping.remote() for r in receivers[:n]])
                 if method == "gloo":
                     group = peers[:n + 1]
-                    addr = f"{ray.util.get_node_ip_address()}:{_free_port()}"
+                    addr = f"{ray.util.get_node_ip_address()}:{free_port('')}"
                     ray.get([g.join.remote(addr, n + 1, i) for i, g in enumerate(group)])
                     held = ray.put(state)
                     ray.get(group[0].hold.remote([held]))
