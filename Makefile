@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup test test-multinode test-rgw bench demo demo-video clean
+.PHONY: setup test test-e2e test-multinode test-rgw bench demo demo-video clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	$(BIN)/python -m pytest -q
 
-# Slower opt-in suites (not in `make test`): a multi-node Ray cluster with the autoscaler and node loss; a real
-# S3 server (Ceph RGW, needs apt-get download access to Debian packages the first time).
+# Slower opt-in suites (not in `make test`): whole runs on a local Ray cluster, a minute or more each; a
+# multi-node Ray cluster with the autoscaler and node loss; a real S3 server (Ceph RGW, needs apt-get download
+# access to Debian packages the first time).
+test-e2e: setup
+	$(BIN)/python -m pytest -q -m e2e
+
 test-multinode: setup
 	$(BIN)/python -m pytest -q -m multinode
 

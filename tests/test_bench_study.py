@@ -39,6 +39,7 @@ def test_shipped_study_resolves_every_cell():
     assert len(cells) == len(study.methods) * len(study.seeds) and "rlr_bb_value" in study.methods
 
 
+@pytest.mark.e2e
 def test_tiny_study_writes_table_csv_and_plot(tmp_path):
     p = _write(tmp_path, """base: digits.yaml
 overrides: ["--train.iterations=2", "--train.samples_per_prompt=4", "--model.num_inference_steps=5"]
@@ -98,6 +99,7 @@ def test_shipped_flow_study_crosses_windows_with_methods():
     assert len({tuple(w) for w in windows.values()}) == len(study.variants)
 
 
+@pytest.mark.e2e
 def test_flow_study_with_window_variants_keeps_the_reading(tmp_path):
     """Two SDE windows on the flow toy: a row and a gradient table per window; a rerun keeps the reading."""
     flow = __import__("pathlib").Path(__file__).parents[1] / "jobs/configs/digits-flow.yaml"

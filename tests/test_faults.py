@@ -47,6 +47,7 @@ def reference(base):
     return {k: [(i + 1, h[k]) for i, h in enumerate(hist) if k in h] for k in F.SERIES}
 
 
+@pytest.mark.e2e
 def test_deaths_of_actors_and_a_learner_lose_nothing_and_repeat_nothing(ray_cluster, reference, base, tmp_path,
                                                                          monkeypatch):
     """A sampler killed at the weight sync (where the dead actor is first seen), the reward actor while

@@ -37,6 +37,7 @@ def _cfg(model_path, out) -> TrainConfig:
         "output_dir": str(out)})
 
 
+@pytest.mark.e2e
 def test_flow_adapter_trains_through_the_ray_pipeline_as_the_local_loop(ray_cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -3,11 +3,14 @@ MLflow run marked KILLED; `--resume` then finishes the run with every iteration 
 import json
 from pathlib import Path
 
+import pytest
+
 from rlr_dist.bench.faults import interrupt_then_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.e2e
 def test_ctrl_c_marks_the_run_killed_and_resume_finishes_it_without_repeats(tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -19,24 +19,31 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head(request):
+    """A `ray start --head` cluster with 4 CPUs; its dashboard URL. In its own temp folder, unless the test is
+    parametrised with ``default_temp=True`` (Ray's /tmp/ray, where `ray start` leaves the address that a plain
+    ``ray.init()`` on this machine then joins)."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
     dash = free_port()
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix socket paths must fit in 107 bytes
+    default_temp = getattr(request, "param", {}).get("default_temp", False)
+    temp = None if default_temp else tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: socket paths <= 107 bytes
     subprocess.run([RAY, "start", "--head", f"--port={free_port()}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp}"],
+                    f"--dashboard-port={dash}", "--disable-usage-stats", *([f"--temp-dir={temp}"] if temp else [])],
                    check=True, env=env, capture_output=True, timeout=180)
     try:
         yield f"http://127.0.0.1:{dash}"
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.e2e
 def test_digits_job_succeeds_and_is_tracked(ray_head, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -112,3 +119,16 @@ def MlflowClientExp(run: dict) -> str:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(run["tracking_uri"]).get_run(run["run_id"]).info.experiment_id
+
+
+@pytest.mark.parametrize("ray_head", [{"default_temp": True}], indirect=True)
+def test_a_run_without_an_address_starts_its_own_cluster_beside_a_running_one(ray_head):
+    """``cluster.address`` unset means a local cluster of the run's own, also while a ``ray start`` cluster runs
+    on this machine (Ray's own default joins that one, and then refuses the run's ``num_cpus``)."""
+    code = ("import ray\nfrom rlr_dist.pipeline.run import init_ray\nfrom rlr_dist.train.config import load_config\n"
+            "init_ray(load_config(None, ['--cluster.num_cpus=3']))\n"
+            "print('CPUS', int(ray.cluster_resources()['CPU']))\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "CPUS 3" in out.stdout, out.stdout  # the head started by the fixture has 4

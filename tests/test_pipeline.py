@@ -58,6 +58,7 @@ def _lora(folder):
     return load_file(str(folder / "lora" / "pytorch_lora_weights.safetensors"))
 
 
+@pytest.mark.e2e
 def test_train_tracks_checkpoints_and_resumes_to_the_single_process_result(ray_cluster, tiny, tmp_path):
     """2 iterations, stop, resume to 4 on 2 DeepSpeed learners == 4 iterations of the single-process loop — with
     RLR's learned value baseline, which each learner fits on the records of both (gathered), which the checkpoint
@@ -173,6 +174,7 @@ def test_both_loops_run_one_iteration_skeleton(ray_cluster, tiny, tmp_path):
     assert max(law.values()) > 0.5  # far from uniform (0.2 each)
 
 
+@pytest.mark.e2e
 def test_text_to_image_run_survives_a_killed_sampler(ray_cluster, tiny, tmp_path, monkeypatch):
     from rlr_dist.pipeline.run import train
 
@@ -188,6 +190,7 @@ def test_text_to_image_run_survives_a_killed_sampler(ray_cluster, tiny, tmp_path
     assert out["metrics"]["restarts/learners"] == 0
 
 
+@pytest.mark.e2e
 def test_video_run_with_overlap_checkpoints_to_s3(ray_cluster, tiny, tmp_path, s3_server):
     from rlr_dist import storage
     from rlr_dist.pipeline.run import train

@@ -28,6 +28,7 @@ def _quiet(msg: str) -> None:
     pass
 
 
+@pytest.mark.e2e
 def test_short_digits_pretrain_is_recognised_by_the_evaluator(tmp_path):
     from rlr_dist.toy_world.rewards import evaluate_digits
 

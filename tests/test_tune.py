@@ -54,6 +54,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.e2e
 def test_asha_sweep_tracks_nested_runs_reports_and_resumes(ray_cluster, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
     from PIL import Image
@@ -132,6 +133,7 @@ def test_shipped_sweep_file_validates():
 PLUGIN = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "plugin-example.yaml")
 
 
+@pytest.mark.e2e
 def test_components_from_outside_the_package_plan_train_and_sweep_unchanged(ray_cluster, tmp_path, capsys):
     """An estimator and a reward defined in jobs/plugins/example.py (not in rlr_dist) and named by
     module:Class: the planner, the Ray pipeline (samplers, reward actor, DeepSpeed learner) and a Tune sweep

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,6 +16,7 @@ TINY = ["--train.iterations=2", "--train.samples_per_prompt=4", "--model.num_inf
         "--cluster.learners.count=1", "--checkpoint.every=0"]
 
 
+@pytest.mark.e2e
 def test_pipeline_trials_nest_ray_train_in_tune(tmp_path):
     from mlflow.tracking import MlflowClient
 

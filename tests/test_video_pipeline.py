@@ -27,6 +27,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.e2e
 def test_video_fine_tune_on_the_ray_pipeline_raises_the_training_reward(ray_cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 

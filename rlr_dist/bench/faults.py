@@ -189,8 +189,12 @@ def interrupt_then_resume(config: str, overrides: list[str], root: Path, after_i
     argv = [sys.executable, "-m", "rlr_dist.cli", "train", config, *overrides, f"--output_dir={out_dir}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
+    # SIGINT back to its default in the child, as for a command typed in a terminal: a process started in the
+    # background by a non-interactive shell (`cmd &`, as a CI runner may start the suite) ignores SIGINT, its
+    # children inherit that, and Python then installs no Ctrl-C handler (a clean-clone run went through all 12
+    # iterations, the signal ignored)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Signal once a checkpoint of iteration >= after_iteration verifies on disk (written on this machine as the
     # iterations end). Not on the "[iter N/" line: it is printed before that iteration's checkpoint is written
     # (a Ctrl-C right after it resumes one iteration earlier), and it comes through Ray's log forwarding, which on
