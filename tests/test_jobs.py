@@ -124,11 +124,16 @@ def MlflowClientExp(run: dict) -> str:
 @pytest.mark.parametrize("ray_head", [{"default_temp": True}], indirect=True)
 def test_a_run_without_an_address_starts_its_own_cluster_beside_a_running_one(ray_head):
     """``cluster.address`` unset means a local cluster of the run's own, also while a ``ray start`` cluster runs
-    on this machine (Ray's own default joins that one, and then refuses the run's ``num_cpus``)."""
+    on this machine (Ray's own default joins that one, and then refuses the run's ``num_cpus``); inside a job
+    (``RAY_ADDRESS`` set, as ``ray job submit`` does) the run joins the job's cluster."""
     code = ("import ray\nfrom rlr_dist.pipeline.run import init_ray\nfrom rlr_dist.train.config import load_config\n"
             "init_ray(load_config(None, ['--cluster.num_cpus=3']))\n"
             "print('CPUS', int(ray.cluster_resources()['CPU']))\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "CPUS 3" in out.stdout, out.stdout  # the head started by the fixture has 4
+    alone = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "CPUS 3" in alone.stdout, alone.stdout  # the head started by the fixture has 4
+    joined = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**env, "RAY_ADDRESS": "auto"})
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    assert "CPUS 4" in joined.stdout, joined.stdout

@@ -309,10 +309,9 @@ def main(config: str = "jobs/configs/digits.yaml", out: str | None = "docs/resul
     base = load_config(config, SMALL)
     progress("[faults] actor, learner and checkpoint faults on a local Ray cluster ...")
     if not ray.is_initialized():
-        from rlr_dist.pipeline.run import _env
+        from rlr_dist.pipeline.run import start_or_join
 
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": _env()})
+        start_or_join(max(4, os.cpu_count() or 1))
     try:
         rows, _ = actor_faults(base, root / "runs", progress)
     finally:

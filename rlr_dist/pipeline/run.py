@@ -98,13 +98,22 @@ def init_ray(cfg: TrainConfig) -> None:
     if c.address is not None:
         ray.init(address=c.address, runtime_env={"env_vars": _env()})
         return
-    if os.environ.get("RAY_ADDRESS"):  # inside a `ray job submit` job: join, keeping the job's runtime env
+    need = sum(r.count * r.num_cpus for r in (c.samplers, c.rewards, c.learners))
+    start_or_join(c.num_cpus or max(os.cpu_count() or 1, int(need + 0.999)))
+
+
+def start_or_join(num_cpus: int, dashboard: bool = True) -> None:
+    """Join the cluster of the ``ray job submit`` job this runs in (``RAY_ADDRESS``, keeping the job's runtime
+    env), else start a local cluster of this process's own with ``num_cpus``: ``address="local"``, since Ray's
+    default joins a ``ray start`` cluster running on this machine (and then refuses ``num_cpus``). The dashboard
+    also serves the state API that Ray Train's placement-group cleaner polls."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
-    need = sum(r.count * r.num_cpus for r in (c.samplers, c.rewards, c.learners))
-    # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
-    ray.init(num_cpus=c.num_cpus or max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=True,
-             dashboard_host="127.0.0.1", runtime_env={"env_vars": _env()})
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": _env()})
 
 
 def demand(cfg: TrainConfig) -> list[tuple[str, dict[str, float]]]:

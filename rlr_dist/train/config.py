@@ -117,7 +117,8 @@ class RoleResources:
 
 @dataclass
 class ClusterConfig:
-    """Ray placement. ``address``: ``None`` starts a local cluster, ``auto`` joins the one this machine
+    """Ray placement. ``address``: ``None`` starts a local cluster of the run's own (also beside a running
+    ``ray start`` one), ``auto`` joins the one this machine
     belongs to (``ray job submit`` sets it), or ``ray://host:port``. Before any actor is created the run's
     bundles are checked against the cluster's nodes: a run that cannot fit fails at once naming what is
     missing, unless ``autoscale_timeout_s`` > 0 (an autoscaling cluster: the autoscaler is asked, and awaited)."""

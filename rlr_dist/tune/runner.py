@@ -71,7 +71,7 @@ def tune(config: str, sweep_path: str, overrides: list[str], resume: bool = Fals
     import ray
     from ray import tune as rt
 
-    from rlr_dist.pipeline.run import _env
+    from rlr_dist.pipeline.run import start_or_join
     from rlr_dist.pipeline.tracking import Tracker, flatten, start_run, tracking_uri
     from rlr_dist.tune import report
     from rlr_dist.tune.trial import local_trial, pipeline_trial
@@ -98,8 +98,7 @@ def tune(config: str, sweep_path: str, overrides: list[str], resume: bool = Fals
     started = not ray.is_initialized()
     if started:
         pipeline = sweep.trial_runner == "pipeline"  # Ray Train's placement-group cleaner needs the dashboard
-        ray.init(num_cpus=sweep.num_cpus or os.cpu_count(), include_dashboard=pipeline,
-                 dashboard_host="127.0.0.1", runtime_env={"env_vars": _env()})
+        start_or_join(sweep.num_cpus or os.cpu_count(), dashboard=pipeline)
     if sweep.trial_runner == "local":
         fn = rt.with_parameters(local_trial, config=config, overrides=overrides,
                                 checkpoint_every=sweep.checkpoint_every)
