@@ -397,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--out", default=None, help="report path (.md; .csv/.json/.png beside it; default "
                     "docs/results/<study file name>.md), '-' for none")
     bs.add_argument("--reuse", action="store_true", help="take the training runs found in the report's earlier .json "
-                    "and run only the cells it lacks (e.g. methods added); the gradient draws and the report run again")
+                    "and run only the cells it lacks (e.g. methods added), likewise the gradient rows "
+                    "kept in the cache; the report is written again")
     bs.set_defaults(func=_bench_study)
     bf = bsub.add_parser("faults", help="faults injected into a real Ray run and bad inputs: what happened, recovery time")
     bf.add_argument("--config", default="jobs/configs/digits.yaml", help="training config (default: the demo's, made small)")

@@ -64,8 +64,10 @@ gradient_draws: 2
     # gradient estimates at the pretrained weights: one row per method, cosines against itself = 1
     grads = text.split("## Gradient estimates")[1]
     assert "| rlr_h2 |" in grads and "| tbp_k1 |" in grads and "1 (itself)" in grads
-    again = main(p, tmp_path / "out" / "study.md", reuse=True)  # the training runs are not repeated
+    again = main(p, tmp_path / "out" / "study.md", reuse=True)  # neither the training runs nor the gradients repeated
     assert again.split("## Gradient estimates")[0].split("Base config")[1] == text.split("## Gradient estimates")[0].split("Base config")[1]
+    assert again.split("## Gradient estimates")[1] == text.split("## Gradient estimates")[1]
+    assert json.loads((tmp_path / "out" / "study.json").read_text())["meta"]["gradient_rows_reused"] == 2
     # a method added later: only its cells run (and only with the regulariser `only` allows), the others are kept
     body = p.read_text().replace("tbp_k1: {name: truncated_bp, K: 1}}",
                                  "tbp_k1: {name: truncated_bp, K: 1}, rlr_value: {name: rlr, h: 2, baseline: value},"
@@ -75,6 +77,8 @@ gradient_draws: 2
                               "only: {rlr_h2: [kl], tbp_k1: [kl], rlr_release: [none]}\ngradient_warmup: 2\n"
                               "compare_to: rlr_h2"))
     grown = main(p, tmp_path / "out" / "study.md", reuse=True)
+    # gradient_warmup changed: every gradient row is redone
+    assert json.loads((tmp_path / "out" / "study.json").read_text())["meta"]["gradient_rows_reused"] == 0
     rows2 = list(csv.DictReader(open(tmp_path / "out" / "study.csv")))
     assert [(r["regulariser"], r["method"]) for r in rows2] == [
         ("kl", "rlr_h2"), ("kl", "tbp_k1"), ("kl", "rlr_value"), ("none", "rlr_value"), ("none", "rlr_release")]

@@ -413,7 +413,7 @@ def test_one_learner_step_on_each_flow_adapter(tiny, tmp_path):
         model, hist = train_local(cfg, iterations=1)
         h = hist[0]
         assert torch.isfinite(torch.tensor(h["loss/total"])) and h["plan/fixed_steps"] == 0 and "plan/window_start" in h
-        assert any(float(p.abs().sum()) > 0 for n, p in model.unet.named_parameters() if "lora_B" in n), layout
+        assert any(float(p.detach().abs().sum()) > 0 for n, p in model.unet.named_parameters() if "lora_B" in n), layout
 
 
 def test_coverage_states_the_fixed_steps_and_the_bias(tiny, tmp_path):

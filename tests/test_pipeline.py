@@ -240,7 +240,7 @@ def test_nonfinite_rewards_are_dropped_and_counted(tiny, tmp_path):
     from rlr_dist.models import load_model
     from rlr_dist.pipeline.workers import RewardWorker
     from rlr_dist.rewards import REWARDS, Reward, RewardError
-    from rlr_dist.train.step import Chunk
+    from rlr_dist.train.step import Chunk, Sampled, apply_scores
 
     if "test_nan_every_other" not in REWARDS:
         @REWARDS.register("test_nan_every_other")
@@ -252,15 +252,24 @@ def test_nonfinite_rewards_are_dropped_and_counted(tiny, tmp_path):
                 return torch.where(torch.arange(len(r)) % 2 == 0, r, torch.full_like(r, float("nan")))
 
     model = load_model(str(tiny["pixel"]))
-    traj = sample(model.chain(), model.initial_noise(4), Plan(), model.encode_prompts(["zero"] * 4))
+    T = model.chain().schedule.T
+    plan = Plan(states=frozenset(range(1, T + 1)), noises=frozenset(range(1, T + 1)))  # every step, as ZO-LR records
+    traj = sample(model.chain(), model.initial_noise(4), plan, model.encode_prompts(["zero"] * 4),
+                  with_reference=True, prompt_ids=torch.tensor([5, 6, 7, 8]))
     worker = RewardWorker(to_dict(_cfg(tiny["pixel"], tmp_path, reward={"name": "test_nan_every_other",
                                                                          "on_nonfinite": "drop"})))
-    chunk, summary = worker.score_and_summarise(Chunk(traj, ["zero"] * 4, 0), need_grad=True)
+    sampled = Sampled.of(Chunk(traj, ["zero"] * 4, 0))
+    # the reward actor gets x_0 and the prompts, not the recorded states and noises (2T + 1 latents per sample)
+    assert sampled.x0.nbytes * (2 * T + 1) == traj.nbytes()
+    scores, summary = worker.score_and_summarise(sampled, need_grad=True)
+    chunk = apply_scores(Chunk(traj, ["zero"] * 4, 0), scores)
     assert chunk.traj.batch_size == 2 and len(chunk.prompts) == 2 and summary["stats"]["reward/dropped"] == 2
     assert torch.isfinite(chunk.reward).all() and chunk.reward_grad.shape == chunk.traj.x0.shape
+    assert chunk.traj.x[T].shape[0] == 2 and chunk.traj.prompt_ids.tolist() == summary["prompt_ids"].tolist() == [5, 7]
+    assert torch.equal(summary["kl"], chunk.traj.delta.double().sum(1) / 2) and torch.equal(summary["reward"], chunk.reward)
     strict = RewardWorker(to_dict(_cfg(tiny["pixel"], tmp_path, reward={"name": "test_nan_every_other"})))
     with pytest.raises(RewardError, match="test_nan_every_other"):
-        strict.score(Chunk(traj, ["zero"] * 4, 0), need_grad=False)
+        strict.score(sampled, need_grad=False)
 
 
 def test_bad_config_fails_before_ray(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ memory of the learner steps (bytes autograd held for backward, counted with :cla
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -253,7 +254,8 @@ def _pooled(fn, jobs: list[tuple], workers: int, line) -> list:
 def main(path: str | Path, out: str | Path | None = None, workers: int | None = None, reuse: bool = False) -> str:
     """Run every cell of the study at ``path``; write ``<out>.md`` (+ ``.csv``, ``.json``, ``.png``).
     ``reuse``: take the training runs found in an earlier ``<out>.json`` and run only the cells it lacks (e.g.
-    methods added to the study); the gradient draws always run again."""
+    methods added to the study); likewise the gradient rows the last run kept in the cache (:func:`_gradient_cache`;
+    a row is redone when its method's config, the number of draws or the warm-up changed)."""
     study, cells = load_study(path)
     workers = workers or study.workers
     t0 = time.perf_counter()
@@ -281,21 +283,33 @@ def main(path: str | Path, out: str | Path | None = None, workers: int | None = 
         results = sorted(reused + new, key=lambda r: order[_key(r)])
     else:
         results = reused
-    spread = []
+    spread, gradients_reused = [], 0
     if study.gradient_draws:
         first = {}
         for c in cells:  # the first regulariser and seed of every (variant, method)
             first.setdefault((c["variant"], c["method"]), c)
-        print(f"[study] {study.gradient_draws} gradient estimates per method at the pretrained weights", flush=True)
-        rows = _pooled(gradient_draws, [(c, study.gradient_draws, study.gradient_warmup) for c in first.values()], workers,
-                       lambda r: f"gradients of {r['method']} ({r['variant']}): tr Cov {r['tr_cov']:.4g}")
+        cache = _gradient_cache(out) if out else None
+        kept = torch.load(cache, weights_only=True) if reuse and cache is not None and cache.is_file() else {}
+        jobs = {_gradient_key(c, study): c for c in first.values()}
+        missing = [(c, study.gradient_draws, study.gradient_warmup) for k, c in jobs.items() if k not in kept]
+        print(f"[study] {study.gradient_draws} gradient estimates per method at the pretrained weights "
+              f"({len(jobs) - len(missing)} of {len(jobs)} rows taken from {cache})" if reuse else
+              f"[study] {study.gradient_draws} gradient estimates per method at the pretrained weights", flush=True)
+        done = _pooled(gradient_draws, missing, workers,
+                       lambda r: f"gradients of {r['method']} ({r['variant']}): tr Cov {r['tr_cov']:.4g}") if missing else []
+        kept.update({_gradient_key(c, study): r for (c, _, _), r in zip(missing, done)})
+        rows = [kept[k] for k in jobs]
+        gradients_reused = len(jobs) - len(missing)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({k: kept[k] for k in jobs}, cache)
         for variant in study.variants:
             vrows = [r for r in rows if r["variant"] == variant]
             reference = "full_bp" if any(r["method"] == "full_bp" for r in vrows) else vrows[0]["method"]
             spread += ([f"### variant `{variant}`", ""] if len(study.variants) > 1 else []) + spread_table(vrows, reference, study.compare_to) + [""]
     meta = {"study": str(path), "date": str(date.today()), "cpus": os.cpu_count(), "workers": workers,
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "train_wall_s": train_s, "wall_s": time.perf_counter() - t0,
+            "train_wall_s": train_s, "wall_s": time.perf_counter() - t0, "gradient_rows_reused": gradients_reused,
             "config": {k: getattr(study, k) for k in ("base", "overrides", "variants", "methods", "regularisers",
                                                       "seeds", "eval_samples", "gradient_draws")}}
     text = report(results, meta, spread)
@@ -315,6 +329,21 @@ def main(path: str | Path, out: str | Path | None = None, workers: int | None = 
 
 READING = "## Reading"
 KEYS = ("variant", "method", "regulariser", "seed")
+
+
+def _gradient_cache(out: str | Path) -> Path:
+    """Where the gradient rows of the report ``out`` are kept for ``--reuse``: the project's cache, not beside the
+    report (each row holds a mean gradient, megabytes per method)."""
+    from rlr_dist.storage import cache_root
+
+    tag = hashlib.sha1(str(Path(out).resolve()).encode()).hexdigest()[:10]
+    return cache_root() / "study" / f"{Path(out).stem}-{tag}.gradients.pt"
+
+
+def _gradient_key(cell: dict, study) -> str:
+    """What a gradient row depends on: the method's run config (base + overrides), the draws and the warm-up."""
+    return json.dumps([cell["variant"], cell["method"], str(cell["base"]), list(cell["overrides"]),
+                       study.gradient_draws, study.gradient_warmup])
 
 
 def _key(r: dict) -> tuple:

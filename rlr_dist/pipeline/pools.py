@@ -28,10 +28,10 @@ class WeightSyncError(RuntimeError):
 
 @dataclass
 class Pending:
-    """This learner's chunks of one iteration in flight: refs of the chunks and of their summaries."""
+    """This learner's chunks of one iteration in flight: refs of the chunks, of their scores and of their summaries."""
 
     iteration: int
-    jobs: dict = field(default_factory=dict)  # chunk index -> (work, version, chunk ref, summary ref)
+    jobs: dict = field(default_factory=dict)  # chunk index -> (work, version, chunk, scores and summary refs)
 
 
 class ActorPools:
@@ -124,9 +124,9 @@ class ActorPools:
     def _submit_one(self, p: Pending, j: int, work: step.Work, version: int) -> None:
         sampler = self.samplers[j % len(self.samplers)]
         reward = self.rewards[j % len(self.rewards)]
-        chunk = sampler.sample.remote(work, version)
-        c, s = reward.score_and_summarise.options(num_returns=2).remote(chunk, self.need_grad)
-        p.jobs[j] = (work, version, c, s)
+        chunk, sampled = sampler.sample.options(num_returns=2).remote(work, version)
+        scores, s = reward.score_and_summarise.options(num_returns=2).remote(sampled, self.need_grad)
+        p.jobs[j] = (work, version, chunk, scores, s)
 
     def collect(self, p: Pending) -> tuple[list, list[dict]]:
         """This learner's scored chunks and their summaries."""
@@ -136,10 +136,11 @@ class ActorPools:
         chunks, summaries = [], []
         for j in sorted(p.jobs):
             for attempt in range(tries + 1):
-                work, version, c, s = p.jobs[j]
+                work, version, chunk, scores, s = p.jobs[j]
                 try:
-                    summaries.append(ray.get(s))
-                    chunks.append(ray.get(c))
+                    summary = ray.get(s)
+                    chunks.append(step.apply_scores(ray.get(chunk), ray.get(scores)))
+                    summaries.append(summary)
                     break
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError,
                         ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError) as e:

@@ -143,13 +143,15 @@ class SamplerWorker:
     def get_version(self) -> int:
         return self.version
 
-    def sample(self, work: step.Work, version: int) -> step.Chunk:
+    def sample(self, work: step.Work, version: int) -> tuple[step.Chunk, step.Sampled]:
+        """The chunk (for the learner) and what scoring needs of it (for a reward actor): two objects, so the
+        reward actor's node never pulls the recorded states (call with ``num_returns=2``)."""
         maybe_crash("sampler", self.index, work.iteration, "sample")
         if version != self.version:
             self._pull(version)
         chunk = step.rollout(self.model, work, self.version)  # with the reference: the KL is logged every iteration
         chunk.actors[f"sampler/{self.index}"] = self.incarnation
-        return chunk
+        return chunk, step.Sampled.of(chunk)
 
     def _pull(self, version: int) -> None:
         """Load the latest weights from the store (after a restart). If the store has moved past ``version``
@@ -184,16 +186,17 @@ class RewardWorker:
             self.eval_scorer.reward.to(self.device)
         self.decoder = decoder
 
-    def score(self, chunk: step.Chunk, need_grad: bool) -> step.Chunk:
-        maybe_crash("reward", self.index, chunk.traj.meta.get("iteration", -1), "score")
-        chunk = step.score(self.scorer, chunk, need_grad, self.device)
-        chunk.actors[f"reward/{self.index}"] = self.incarnation
-        return chunk
+    def score(self, sampled: step.Sampled, need_grad: bool) -> step.Scores:
+        maybe_crash("reward", self.index, sampled.iteration, "score")
+        scores = step.score_sampled(self.scorer, sampled, need_grad, self.device)
+        scores.actors[f"reward/{self.index}"] = self.incarnation
+        return scores
 
-    def score_and_summarise(self, chunk: step.Chunk, need_grad: bool) -> tuple[step.Chunk, dict]:
-        """The scored chunk and a small summary of it (rewards, prompt ids, per-sample KL)."""
-        c = self.score(chunk, need_grad)
-        return c, step.summarise(c)
+    def score_and_summarise(self, sampled: step.Sampled, need_grad: bool) -> tuple[step.Scores, dict]:
+        """The rewards of a chunk (applied to it by the learner: :func:`rlr_dist.train.step.apply_scores`) and a
+        small summary every learner gets (rewards, prompt ids, per-sample KL)."""
+        scores = self.score(sampled, need_grad)
+        return scores, step.summarise(sampled, scores)
 
     def evaluate(self, x0: Tensor, prompts: Sequence[str]) -> dict[str, float]:
         """Training and evaluation reward on fresh samples (:func:`rlr_dist.train.step.eval_metrics`)."""

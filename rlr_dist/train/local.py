@@ -64,8 +64,10 @@ def train_local(cfg: TrainConfig, iterations: int | None = None,
         t0 = time.perf_counter()
         chunks = [step.rollout(model, w, it) for w in learner.works(it, n_chunks)]
         t1 = time.perf_counter()
-        chunks = [step.score(scorer, c, learner.need_grad) for c in chunks]
-        summaries = [step.summarise(c) for c in chunks]
+        sampled = [step.Sampled.of(c) for c in chunks]
+        scores = [step.score_sampled(scorer, s, learner.need_grad) for s in sampled]
+        summaries = [step.summarise(s, sc) for s, sc in zip(sampled, scores)]
+        chunks = [step.apply_scores(c, sc) for c, sc in zip(chunks, scores)]
         t2 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         terms = learner.learn(model, chunks, summaries, optimizer_step=optimizer_step)

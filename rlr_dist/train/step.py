@@ -106,29 +106,77 @@ def draw(model: DiffusionModel, prompts: Sequence[str], seed: int) -> Tensor:
         return sample(model.eval_chain(), x_T, Plan(), cond, g).x0.cpu()
 
 
-def score(scorer: RewardScorer, chunk: Chunk, need_grad: bool, device: str | torch.device = "cpu") -> Chunk:
-    """Fill ``chunk.reward`` (and ``∂R/∂x_0`` when ``need_grad``) under the scorer's non-finite policy: with
-    ``drop`` the samples whose reward is NaN/inf leave the chunk (counted in ``reward/dropped``)."""
+@dataclass
+class Sampled:
+    """What scoring needs of a chunk, and what its summary adds: ``x_0``, the prompts with their ids, the
+    per-sample sampled KL, the sampler's stats. A reward actor gets this instead of the chunk, whose recorded
+    states and noises (most of its bytes) stay in the sampler's object store until the learner fetches them."""
+
+    x0: Tensor
+    prompts: list[str]
+    prompt_ids: Tensor | None
+    kl: Tensor | None
+    iteration: int
+    stats: dict
+    actors: dict
+
+    @classmethod
+    def of(cls, chunk: Chunk) -> "Sampled":
+        t = chunk.traj
+        kl = None if t.delta is None else t.delta.double().sum(1) / 2
+        return cls(t.x0, list(chunk.prompts), t.prompt_ids, kl, int(t.meta.get("iteration", -1)), dict(chunk.stats),
+                   dict(chunk.actors))
+
+
+@dataclass
+class Scores:
+    """A reward call's answer for one chunk: ``R`` and ``∂R/∂x_0`` (when asked) of the samples kept, the mask of
+    those kept (``None``: all; the non-finite policy ``drop`` removes samples), the call's stats."""
+
+    reward: Tensor
+    reward_grad: Tensor | None
+    keep: Tensor | None
+    stats: dict
+    actors: dict = field(default_factory=dict)
+
+
+def score_sampled(scorer: RewardScorer, s: Sampled, need_grad: bool, device: str | torch.device = "cpu") -> Scores:
+    """Score ``x_0`` (and ``∂R/∂x_0`` when ``need_grad``) under the scorer's non-finite policy: with ``drop`` the
+    samples whose reward is NaN/inf are left out (counted in ``reward/dropped``)."""
     t0 = time.perf_counter()
-    R, dR, keep = scorer.score_keep(chunk.traj.x0.to(device), chunk.prompts, need_grad=need_grad)
+    R, dR, keep = scorer.score_keep(s.x0.to(device), s.prompts, need_grad=need_grad)
     dropped = int((~keep).sum())
-    if dropped:
-        keep = keep.cpu()
-        chunk.traj = chunk.traj.select(keep)
-        chunk.prompts = [p for p, k in zip(chunk.prompts, keep.tolist()) if k]
+    keep = keep.cpu() if dropped else None
+    if keep is not None:
         R, dR = R[keep.to(R.device)], None if dR is None else dR[keep.to(dR.device)]
-    chunk.reward, chunk.reward_grad = R.cpu(), None if dR is None else dR.cpu()
-    chunk.stats["reward/dropped"] = float(dropped)
-    chunk.stats["time/score"] = time.perf_counter() - t0
+    return Scores(R.cpu(), None if dR is None else dR.cpu(), keep,
+                  {"reward/dropped": float(dropped), "time/score": time.perf_counter() - t0})
+
+
+def apply_scores(chunk: Chunk, scores: Scores) -> Chunk:
+    """The chunk with its rewards filled in and the dropped samples removed."""
+    if scores.keep is not None:
+        chunk.traj = chunk.traj.select(scores.keep)
+        chunk.prompts = [p for p, k in zip(chunk.prompts, scores.keep.tolist()) if k]
+    chunk.reward, chunk.reward_grad = scores.reward, scores.reward_grad
+    chunk.stats.update(scores.stats)
+    chunk.actors.update(scores.actors)
     return chunk
 
 
-def summarise(chunk: Chunk) -> dict:
+def score(scorer: RewardScorer, chunk: Chunk, need_grad: bool, device: str | torch.device = "cpu") -> Chunk:
+    """:func:`score_sampled` on the chunk itself, applied to it (the single-process loop, benches)."""
+    return apply_scores(chunk, score_sampled(scorer, Sampled.of(chunk), need_grad, device))
+
+
+def summarise(s: Sampled, scores: Scores) -> dict:
     """The small part of a scored chunk every learner needs: rewards, prompt ids, per-sample sampled KL
-    (``Σ_k δ_k / 2``) and the chunk's stats (timings, dropped samples)."""
-    kl = None if chunk.traj.delta is None else chunk.traj.delta.double().sum(1) / 2
-    return {"reward": chunk.reward, "prompt_ids": chunk.traj.prompt_ids, "kl": kl, "stats": dict(chunk.stats),
-            "actors": dict(chunk.actors)}
+    (``Σ_k δ_k / 2``), the stats (timings, dropped samples) and the actors that made it."""
+    def kept(t: Tensor | None) -> Tensor | None:
+        return t if t is None or scores.keep is None else t[scores.keep]
+
+    return {"reward": scores.reward, "prompt_ids": kept(s.prompt_ids), "kl": kept(s.kl),
+            "stats": {**s.stats, **scores.stats}, "actors": {**s.actors, **scores.actors}}
 
 
 def learn(model: DiffusionModel, estimator: Estimator, regulariser: Regulariser, advantages: Advantages,
