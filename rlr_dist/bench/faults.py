@@ -170,17 +170,19 @@ def actor_faults(base: TrainConfig, root: Path, progress: Callable[[str], None] 
     return rows, ref
 
 
-def _verified_iteration(root: Path) -> int:
-    """The newest iteration among the checkpoint folders under ``root`` whose manifest verifies (0: none)."""
+def _verified_iteration(root: Path, verified: dict[Path, int]) -> int:
+    """The newest iteration among the checkpoint folders under ``root`` whose manifest verifies (0: none);
+    ``verified`` remembers the folders already checked, so each is hashed until it verifies, not on every poll."""
     from rlr_dist import storage
 
-    best = 0
     for folder in root.glob("*/checkpoint_*"):
+        if folder in verified:
+            continue
         try:
-            best = max(best, int(storage.verify_manifest(folder).get("iteration", 0)))
+            verified[folder] = int(storage.verify_manifest(folder).get("iteration", 0))
         except (storage.StorageError, OSError, ValueError):
             continue  # still being written
-    return best
+    return max(verified.values(), default=0)
 
 
 def interrupt_then_resume(config: str, overrides: list[str], root: Path, after_iteration: int = 2) -> dict:
@@ -202,8 +204,9 @@ def interrupt_then_resume(config: str, overrides: list[str], root: Path, after_i
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
+    verified: dict[Path, int] = {}
     while proc.poll() is None:
-        if _verified_iteration(out_dir / "checkpoints") >= after_iteration:
+        if _verified_iteration(out_dir / "checkpoints", verified) >= after_iteration:
             proc.send_signal(signal.SIGINT)
             break
         time.sleep(0.2)
